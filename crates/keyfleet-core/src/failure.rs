@@ -24,11 +24,17 @@ pub struct Failure {
 
 impl Failure {
     pub fn retryable(message: impl Into<String>, retry_after: Option<Duration>) -> Self {
-        Self { class: FailureClass::Retryable { retry_after }, message: message.into() }
+        Self {
+            class: FailureClass::Retryable { retry_after },
+            message: message.into(),
+        }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { class: FailureClass::Permanent, message: message.into() }
+        Self {
+            class: FailureClass::Permanent,
+            message: message.into(),
+        }
     }
 
     pub fn is_retryable(&self) -> bool {

@@ -72,7 +72,8 @@ impl JobPayload {
     }
 
     pub fn from_json(raw: &str) -> Result<Self, InvalidValue> {
-        serde_json::from_str(raw).map_err(|e| InvalidValue::new("job payload", format!("{e} in {raw:?}")))
+        serde_json::from_str(raw)
+            .map_err(|e| InvalidValue::new("job payload", format!("{e} in {raw:?}")))
     }
 }
 
@@ -89,8 +90,12 @@ mod tests {
         };
         assert_eq!(JobPayload::from_json(&p.to_json()).unwrap(), p);
         assert_eq!(p.idempotency_key(), "create_key:3:s1");
-        let err = JobPayload::from_json(r#"{"kind":"explode","server":1,"subscription":"x"}"#).unwrap_err();
+        let err = JobPayload::from_json(r#"{"kind":"explode","server":1,"subscription":"x"}"#)
+            .unwrap_err();
         assert!(err.to_string().contains("job payload"), "{err}");
-        assert!(JobPayload::from_json(r#"{"kind":"create_key","server":1,"subscription":"a/b"}"#).is_err());
+        assert!(
+            JobPayload::from_json(r#"{"kind":"create_key","server":1,"subscription":"a/b"}"#)
+                .is_err()
+        );
     }
 }

@@ -11,7 +11,10 @@ mod subscription;
 
 pub use failure::{Failure, FailureClass};
 pub use job::{JobKind, JobPayload};
-pub use naming::{OWNED_PREFIX, owned_outline_key_id, owned_v2ray_email, owned_key_name, subscription_of_owned_name};
+pub use naming::{
+    OWNED_PREFIX, owned_key_name, owned_outline_key_id, owned_v2ray_email,
+    subscription_of_owned_name,
+};
 pub use server::{ServerId, ServerKind};
 pub use subscription::SubscriptionId;
 
@@ -25,6 +28,9 @@ pub struct InvalidValue {
 
 impl InvalidValue {
     pub fn new(what: &'static str, reason: impl Into<String>) -> Self {
-        Self { what, reason: reason.into() }
+        Self {
+            what,
+            reason: reason.into(),
+        }
     }
 }

@@ -43,7 +43,10 @@ mod tests {
     fn names_round_trip_and_foreign_names_are_not_ours() {
         let sub = SubscriptionId::parse("Sub_7").unwrap();
         assert_eq!(owned_v2ray_email(&sub), "kf-sub_7@keyfleet.invalid");
-        assert_eq!(subscription_of_owned_name(&owned_v2ray_email(&sub)), Some(sub.clone()));
+        assert_eq!(
+            subscription_of_owned_name(&owned_v2ray_email(&sub)),
+            Some(sub.clone())
+        );
         assert_eq!(subscription_of_owned_name(&owned_key_name(&sub)), Some(sub));
         assert_eq!(subscription_of_owned_name("alice@example.com"), None);
         assert_eq!(subscription_of_owned_name("kf-"), None);

@@ -26,7 +26,10 @@ impl SubscriptionId {
                 format!("{raw:?} is longer than {} characters", Self::MAX_LEN),
             ));
         }
-        if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+        if let Some(bad) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
             return Err(InvalidValue::new(
                 "subscription id",
                 format!("{raw:?} contains {bad:?}; allowed are letters, digits, '-' and '_'"),
@@ -72,9 +75,17 @@ mod tests {
 
     #[test]
     fn normalises_case_and_rejects_bad_characters() {
-        assert_eq!(SubscriptionId::parse(" Sub-42 ").unwrap().as_str(), "sub-42");
+        assert_eq!(
+            SubscriptionId::parse(" Sub-42 ").unwrap().as_str(),
+            "sub-42"
+        );
         assert!(SubscriptionId::parse("").is_err());
-        assert!(SubscriptionId::parse("a/b").unwrap_err().reason.contains("'/'"));
+        assert!(
+            SubscriptionId::parse("a/b")
+                .unwrap_err()
+                .reason
+                .contains("'/'")
+        );
         assert!(SubscriptionId::parse(&"x".repeat(65)).is_err());
     }
 }

@@ -1,1 +1,423 @@
+//! keyfleet's Redis queue: per-server ready queues, a fair claim that respects fleet-wide
+//! per-server limits, leases with fence tokens, a delayed set for retries and a dead set.
+//! It plugs into apalis-core as a [`Backend`](apalis_core::backend::Backend) ([`QueueBackend`]).
+//!
+//! Invariants: every state change of a job is one Lua script, so it is atomic; no operation scans
+//! the backlog (each is O(1) or O(log n) in it, O(servers) at worst); a server never has more
+//! claimed jobs than its limit, across every worker process; a finish whose fence token is not the
+//! job's current one changes nothing.
 
+mod backend;
+mod leases;
+mod retry;
+mod scripts;
+mod wake;
+
+use std::time::Duration;
+
+use keyfleet_core::{JobPayload, ServerId};
+use redis::{
+    Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+
+pub use backend::QueueBackend;
+pub use leases::{LeaseRegistry, spawn_maintenance};
+pub use retry::backoff;
+use scripts::Scripts;
+pub use wake::WakeSignal;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid REDIS_URL {url:?}: {source}")]
+    BadUrl {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("invalid key prefix {0:?}: use 1-64 letters, digits, '-', '_', '.' or ':'")]
+    BadPrefix(String),
+    #[error("Redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("idempotency key {key:?} already names job {job} with a different payload")]
+    IdempotencyConflict { key: String, job: JobId },
+    #[error("unexpected reply from a queue script: {0}")]
+    Reply(String),
+}
+
+/// A job's id in Redis.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct JobId(pub u64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Namespace of every key, so deployments and tests can share one Redis.
+    pub prefix: String,
+    /// How long a claimed job stays leased without a heartbeat before another worker may take it.
+    pub lease: Duration,
+    /// How long an idle worker waits for a wake-up before it looks again anyway.
+    pub idle_poll: Duration,
+}
+
+impl QueueConfig {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            lease: Duration::from_secs(10),
+            idle_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A job a worker holds a lease on.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    /// Grows with every claim of any job: a write carrying an older fence loses.
+    pub fence: i64,
+    /// 1 for the first attempt; counted at claim, so a worker that died mid-job spent one.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub server: ServerId,
+    /// The payload as enqueued; decoded by the executor, which dead-letters it if malformed.
+    pub payload: String,
+    pub enqueued_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: JobId,
+    /// False when the same operation was already queued: `id` is that job.
+    pub created: bool,
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claim {
+    Job(ClaimedJob),
+    /// Nothing claimable now; the earliest delayed job is due after this long, if any.
+    Empty {
+        next_due: Option<Duration>,
+    },
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Done,
+    Retry {
+        delay: Duration,
+        error: String,
+    },
+    Dead {
+        error: String,
+    },
+    /// Give the job back unstarted (shutdown): no attempt is spent.
+    Release,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishResult {
+    Applied,
+    /// The retry was refused because the attempts are spent: the job is in the dead set.
+    DeadLettered,
+    /// The attempt's lease was lost and the job moved on: nothing changed.
+    Fenced,
+}
+
+/// Counts for progress displays and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub running: u64,
+    pub delayed: u64,
+    pub dead: u64,
+    pub done: u64,
+}
+
+/// The queue client: enqueue, claim, finish. Cheap to clone; one multiplexed connection.
+#[derive(Clone)]
+pub struct Queue {
+    client: redis::Client,
+    conn: ConnectionManager,
+    config: QueueConfig,
+    scripts: &'static Scripts,
+}
+
+impl Queue {
+    /// Connects lazily: an unreachable Redis is retried by each call, it does not fail start-up.
+    pub fn connect(redis_url: &str, config: QueueConfig) -> Result<Self> {
+        validate_prefix(&config.prefix)?;
+        let client = redis::Client::open(redis_url).map_err(|source| Error::BadUrl {
+            url: redis_url.to_owned(),
+            source,
+        })?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        Ok(Self {
+            client,
+            conn,
+            config,
+            scripts: Scripts::get(),
+        })
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.config.prefix)
+    }
+
+    /// Enqueues a job unless the same operation is already queued or running.
+    pub async fn enqueue(&self, payload: &JobPayload) -> Result<Enqueued> {
+        let idem = payload.idempotency_key();
+        let reply: (String, i64) = self
+            .scripts
+            .enqueue
+            .arg(&self.config.prefix)
+            .arg(&idem)
+            .arg(payload.to_json())
+            .arg(payload.server.0)
+            .arg(payload.kind.as_str())
+            .arg(payload.kind.max_attempts())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let id = JobId(
+            reply
+                .0
+                .parse()
+                .map_err(|_| Error::Reply(format!("job id {:?}", reply.0)))?,
+        );
+        match reply.1 {
+            1 => Ok(Enqueued { id, created: true }),
+            0 => Ok(Enqueued { id, created: false }),
+            _ => Err(Error::IdempotencyConflict { key: idem, job: id }),
+        }
+    }
+
+    /// Enqueues many jobs concurrently over the one multiplexed connection (pipelined).
+    pub async fn enqueue_all(&self, payloads: &[JobPayload]) -> Result<Vec<Enqueued>> {
+        futures::future::try_join_all(payloads.iter().map(|p| self.enqueue(p))).await
+    }
+
+    /// Sets fleet-wide in-flight limits; takes effect at the next claim.
+    pub async fn set_limits(&self, limits: &[(ServerId, u32)]) -> Result<()> {
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.scripts.set_limit.arg(&self.config.prefix);
+        for (server, limit) in limits {
+            invocation.arg(server.0).arg(*limit);
+        }
+        let _: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Claims the next job for `worker`, leasing it for the configured lease time.
+    pub async fn claim(&self, worker: &str) -> Result<Claim> {
+        let reply: Vec<Value> = self
+            .scripts
+            .claim
+            .arg(&self.config.prefix)
+            .arg(worker)
+            .arg(self.config.lease.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        parse_claim(reply)
+    }
+
+    /// Ends an attempt. Fenced: if the job's lease was lost to another attempt, nothing changes.
+    pub async fn finish(&self, job: &ClaimedJob, finish: &Finish) -> Result<FinishResult> {
+        let (outcome, delay, error) = match finish {
+            Finish::Done => ("done", Duration::ZERO, ""),
+            Finish::Retry { delay, error } => ("retry", *delay, error.as_str()),
+            Finish::Dead { error } => ("dead", Duration::ZERO, error.as_str()),
+            Finish::Release => ("release", Duration::ZERO, ""),
+        };
+        let reply: i64 = self
+            .scripts
+            .finish
+            .arg(&self.config.prefix)
+            .arg(job.id.0)
+            .arg(job.fence)
+            .arg(outcome)
+            .arg(delay.as_millis() as u64)
+            .arg(error)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply {
+            0 => Ok(FinishResult::Fenced),
+            1 => Ok(FinishResult::Applied),
+            2 => Ok(FinishResult::DeadLettered),
+            other => Err(Error::Reply(format!("finish returned {other}"))),
+        }
+    }
+
+    /// Extends the leases of jobs still held; returns those whose lease was already lost.
+    pub async fn heartbeat(&self, held: &[(JobId, i64)]) -> Result<Vec<JobId>> {
+        if held.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut invocation = self.scripts.heartbeat.arg(&self.config.prefix);
+        invocation.arg(self.config.lease.as_millis() as u64);
+        for (id, fence) in held {
+            invocation.arg(id.0).arg(*fence);
+        }
+        let lost: Vec<u64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(lost.into_iter().map(JobId).collect())
+    }
+
+    /// Takes back up to `max` jobs whose lease expired; returns how many.
+    pub async fn reap_expired(&self, max: u32) -> Result<u64> {
+        let n: u64 = self
+            .scripts
+            .reap
+            .arg(&self.config.prefix)
+            .arg(max)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats> {
+        let mut conn = self.conn.clone();
+        let servers: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.key("servers"))
+            .query_async(&mut conn)
+            .await?;
+        let mut pipe = redis::pipe();
+        for s in &servers {
+            pipe.cmd("LLEN").arg(self.key(&format!("ready:{s}")));
+        }
+        pipe.cmd("ZCARD").arg(self.key("leases"));
+        pipe.cmd("ZCARD").arg(self.key("delayed"));
+        pipe.cmd("ZCARD").arg(self.key("dead"));
+        pipe.cmd("HGET").arg(self.key("counters")).arg("done");
+        let counts: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
+        let n = servers.len();
+        Ok(QueueStats {
+            ready: counts[..n].iter().map(|c| c.unwrap_or(0)).sum(),
+            running: counts[n].unwrap_or(0),
+            delayed: counts[n + 1].unwrap_or(0),
+            dead: counts[n + 2].unwrap_or(0),
+            done: counts[n + 3].unwrap_or(0),
+        })
+    }
+
+    /// Claimed jobs per server right now (what the limits bound).
+    pub async fn in_flight(&self) -> Result<Vec<(ServerId, i64)>> {
+        let map: std::collections::HashMap<i64, i64> = redis::cmd("HGETALL")
+            .arg(self.key("inflight"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut v: Vec<(ServerId, i64)> = map.into_iter().map(|(s, n)| (ServerId(s), n)).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Deletes every key under this queue's prefix (tests and the demo start from nothing).
+    pub async fn purge(&self) -> Result<u64> {
+        let mut conn = self.conn.clone();
+        let mut cursor = 0u64;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", escape_glob(&self.config.prefix)))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<u64>(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    pub(crate) fn wake_channel(&self) -> String {
+        self.key("wake")
+    }
+
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<()> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadPrefix(prefix.to_owned()))
+    }
+}
+
+fn escape_glob(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if "*?[]\\".contains(c) {
+                vec!['\\', c]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn parse_claim(reply: Vec<Value>) -> Result<Claim> {
+    let text = |v: &Value| -> Result<String> {
+        redis::from_redis_value_ref::<String>(v).map_err(|e| Error::Reply(format!("claim: {e}")))
+    };
+    let int = |v: &Value| -> Result<i64> {
+        redis::from_redis_value_ref::<i64>(v).map_err(|e| Error::Reply(format!("claim: {e}")))
+    };
+    match reply.as_slice() {
+        [marker, due] if text(marker)?.is_empty() => {
+            let due = int(due)?;
+            Ok(Claim::Empty {
+                next_due: (due >= 0).then(|| Duration::from_millis(due as u64)),
+            })
+        }
+        [id, payload, attempt, max, fence, server, enqueued_at] => Ok(Claim::Job(ClaimedJob {
+            id: JobId(int(id)? as u64),
+            payload: text(payload)?,
+            attempt: int(attempt)? as u32,
+            max_attempts: int(max)? as u32,
+            fence: int(fence)?,
+            server: ServerId(int(server)?),
+            enqueued_at_ms: int(enqueued_at)?,
+        })),
+        other => Err(Error::Reply(format!(
+            "claim returned {} values",
+            other.len()
+        ))),
+    }
+}

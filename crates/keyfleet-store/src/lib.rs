@@ -1,1 +1,137 @@
+//! Postgres access for keyfleet: migrations, servers, subscriptions, keys and the batched
+//! write-back of job results.
+//!
+//! Invariant: Postgres is the source of truth for intent. Every write that records a job's result
+//! is fenced (`keys.fence <= attempt's fence`), so a stale attempt can never overwrite a newer one.
 
+mod keys;
+mod servers;
+mod subscriptions;
+mod writeback;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+pub use keys::{KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
+pub use servers::{NewServer, Server};
+pub use subscriptions::ProvisionPlan;
+pub use writeback::{WriteBack, WriteBackConfig};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid DATABASE_URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot connect to Postgres at {target}: {source}")]
+    Connect { target: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("write-back is shut down")]
+    WriteBackClosed,
+    #[error("Postgres error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl Error {
+    /// Whether the operation may succeed if tried again (Postgres unreachable, not a bad value).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::WriteBackClosed => true,
+            Self::Db(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Protocol(_)
+                ) || e.as_database_error().is_none() && !matches!(e, sqlx::Error::RowNotFound)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The handle to keyfleet's Postgres database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects with a pool of `max_connections`; a malformed URL or an unreachable server is an error
+    /// that names the target without its password.
+    pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
+        let options: PgConnectOptions =
+            database_url
+                .parse()
+                .map_err(|e: sqlx::Error| Error::BadUrl {
+                    url: redact_password(database_url),
+                    reason: e.to_string(),
+                })?;
+        let target = format!(
+            "{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or("(default database)")
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|source| Error::Connect { target, source })?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations in `migrations/` (embedded at build time).
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("../../migrations").run(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn redact_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Turns a unique or check violation into a message an operator can act on.
+fn constraint_error(e: sqlx::Error, what: &str) -> Error {
+    if let Some(db) = e.as_database_error() {
+        if db.is_unique_violation() {
+            return Error::Conflict(format!("{what} already exists"));
+        }
+        if db.is_check_violation() || db.is_foreign_key_violation() {
+            return Error::Rejected(format!(
+                "{what} rejected by the database ({}): {}",
+                db.constraint().unwrap_or("constraint"),
+                db.message()
+            ));
+        }
+    }
+    Error::Db(e)
+}

@@ -1,0 +1,147 @@
+use std::{
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use apalis_core::{
+    backend::{Backend, BackendConfig, finalize::Ephemeral},
+    task::{Task, task_id::RandomId},
+    worker::context::WorkerContext,
+};
+use futures::future::BoxFuture;
+use tower::layer::util::Identity;
+
+use crate::{Claim, ClaimedJob, Error, Finish, Queue, QueueConfig, WakeSignal};
+
+/// keyfleet's queue as an apalis backend: the worker asks for a job only when its service has a
+/// free slot, and each ask is one atomic claim in Redis. With nothing to claim it sleeps until a
+/// wake-up (or the idle poll) instead of polling. Redis errors never end the worker: the claim is
+/// retried with back-off.
+pub struct QueueBackend {
+    queue: Queue,
+    worker_id: String,
+    wake: WakeSignal,
+    state: State,
+    error_backoff: Duration,
+}
+
+enum State {
+    Idle,
+    /// The wake generation read before the claim started, so no wake-up can slip between them.
+    Claiming(u64, BoxFuture<'static, crate::Result<Claim>>),
+    Waiting(BoxFuture<'static, ()>),
+}
+
+impl QueueBackend {
+    pub fn new(queue: Queue, worker_id: impl Into<String>, wake: WakeSignal) -> Self {
+        Self {
+            queue,
+            worker_id: worker_id.into(),
+            wake,
+            state: State::Idle,
+            error_backoff: MIN_BACKOFF,
+        }
+    }
+
+    fn wait(&mut self, seen: u64, at_most: Duration) {
+        let wake = self.wake.clone();
+        self.state = State::Waiting(Box::pin(async move {
+            tokio::select! {
+                () = wake.changed_since(seen) => {}
+                () = tokio::time::sleep(at_most) => {}
+            }
+        }));
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Backend for QueueBackend {
+    type Task = Task<ClaimedJob>;
+    type Error = Error;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Error>>> {
+        loop {
+            match &mut self.state {
+                State::Idle => {
+                    let queue = self.queue.clone();
+                    let worker = self.worker_id.clone();
+                    let seen = self.wake.generation();
+                    self.state =
+                        State::Claiming(seen, Box::pin(async move { queue.claim(&worker).await }));
+                }
+                State::Claiming(seen, claim) => {
+                    let seen = *seen;
+                    match ready!(claim.as_mut().poll(cx)) {
+                        Ok(Claim::Job(job)) => {
+                            self.state = State::Idle;
+                            self.error_backoff = MIN_BACKOFF;
+                            return Poll::Ready(Some(Ok(Task::new(job))));
+                        }
+                        Ok(Claim::Empty { next_due }) => {
+                            self.error_backoff = MIN_BACKOFF;
+                            let idle = self.queue.config().idle_poll;
+                            self.wait(seen, next_due.map_or(idle, |d| d.min(idle)));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, worker = %self.worker_id, "Claim failed; backing off.");
+                            let delay = self.error_backoff;
+                            self.error_backoff = (delay * 2).min(MAX_BACKOFF);
+                            self.state = State::Waiting(Box::pin(tokio::time::sleep(delay)));
+                        }
+                    }
+                }
+                State::Waiting(wait) => {
+                    ready!(wait.as_mut().poll(cx));
+                    self.state = State::Idle;
+                }
+            }
+        }
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Error>> {
+        // A claim still in flight at shutdown may have taken a job: give it back unstarted.
+        if let State::Claiming(_, claim) = &mut self.state {
+            let claimed = ready!(claim.as_mut().poll(cx));
+            self.state = State::Idle;
+            if let Ok(Claim::Job(job)) = claimed {
+                let queue = self.queue.clone();
+                self.state = State::Waiting(Box::pin(async move {
+                    if let Err(error) = queue.finish(&job, &Finish::Release).await {
+                        tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.");
+                    }
+                }));
+            }
+        }
+        if let State::Waiting(wait) = &mut self.state {
+            ready!(wait.as_mut().poll(cx));
+            self.state = State::Idle;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for QueueBackend {
+    type Args = ClaimedJob;
+    type Id = RandomId;
+    type Kind = Ephemeral;
+    type Config = QueueConfig;
+    type Layer = Identity;
+
+    fn config(&self) -> &QueueConfig {
+        self.queue.config()
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Identity {
+        Identity::new()
+    }
+}

@@ -1,0 +1,34 @@
+-- ARGV: prefix, worker id, lease ms
+-- Takes the next job of the server at the head of the ring (round-robin over servers that have
+-- work and a free slot). Returns {id, payload, attempt, max, fence, server, enqueued_at}, or
+-- {'', ms until the next delayed job is due (-1: none)}.
+local now = now_ms()
+promote_due(now, 100)
+for _ = 1, 16 do
+  local s = redis.call('RPOP', P .. ':ring')
+  if not s then
+    break
+  end
+  redis.call('SREM', P .. ':inring', s)
+  local id = redis.call('RPOP', P .. ':ready:' .. s)
+  if id then
+    local job = jobkey(id)
+    local payload = redis.call('HGET', job, 'payload')
+    if payload then
+      redis.call('HINCRBY', P .. ':inflight', s, 1)
+      local fence = redis.call('INCR', P .. ':fence')
+      local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSET', job, 'state', 'running', 'fence', fence, 'worker', ARGV[2], 'started_at', now)
+      redis.call('ZADD', P .. ':leases', now + tonumber(ARGV[3]), id)
+      refresh(s, now)
+      return {id, payload, attempt, redis.call('HGET', job, 'max'), fence, s,
+        redis.call('HGET', job, 'enqueued_at')}
+    end
+  end
+  refresh(s, now)
+end
+local next_due = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')
+if next_due[2] then
+  return {'', math.max(0, tonumber(next_due[2]) - now)}
+end
+return {'', -1}

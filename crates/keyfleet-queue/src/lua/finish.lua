@@ -1,0 +1,37 @@
+-- ARGV: prefix, id, fence, outcome (done|retry|dead|release), delay ms, error
+-- Returns 0 when the attempt is fenced out (its lease was lost and the job moved on),
+-- 1 when applied, 2 when a retry was refused because the attempts are spent (dead-lettered).
+local id = ARGV[2]
+local job = jobkey(id)
+if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'fence') ~= ARGV[3] then
+  return 0
+end
+local now = now_ms()
+local s = redis.call('HGET', job, 'server')
+redis.call('ZREM', P .. ':leases', id)
+release_slot(s)
+local outcome = ARGV[4]
+local result = 1
+if outcome == 'done' then
+  forget_idempotency(id)
+  redis.call('DEL', job)
+  redis.call('HINCRBY', P .. ':counters', 'done', 1)
+elseif outcome == 'retry' then
+  local attempts = tonumber(redis.call('HGET', job, 'attempts'))
+  if attempts >= tonumber(redis.call('HGET', job, 'max')) then
+    bury(id, 'gave up after ' .. attempts .. ' attempts: ' .. ARGV[6], now)
+    result = 2
+  else
+    redis.call('HSET', job, 'state', 'delayed', 'error', ARGV[6])
+    redis.call('ZADD', P .. ':delayed', now + tonumber(ARGV[5]), id)
+  end
+elseif outcome == 'dead' then
+  bury(id, ARGV[6], now)
+elseif outcome == 'release' then
+  redis.call('HINCRBY', job, 'attempts', -1)
+  make_ready(id, s, true, now)
+else
+  return redis.error_reply('unknown outcome ' .. outcome)
+end
+refresh_and_wake(s, now)
+return result

@@ -1,0 +1,14 @@
+-- ARGV: prefix, lease ms, then pairs of (job id, fence)
+-- Extends the leases still held; returns the ids whose lease was lost.
+local now = now_ms()
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local job = jobkey(id)
+  if redis.call('HGET', job, 'state') == 'running' and redis.call('HGET', job, 'fence') == ARGV[i + 1] then
+    redis.call('ZADD', P .. ':leases', 'XX', now + tonumber(ARGV[2]), id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost

@@ -1,0 +1,23 @@
+-- ARGV: prefix, max jobs
+-- Takes back jobs whose lease expired (their worker died or stalled). The attempt was counted at
+-- claim time, so a job that keeps killing its workers ends in the dead set.
+local now = now_ms()
+local expired = redis.call('ZRANGEBYSCORE', P .. ':leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(expired) do
+  redis.call('ZREM', P .. ':leases', id)
+  local job = jobkey(id)
+  local s = redis.call('HGET', job, 'server')
+  if s and redis.call('HGET', job, 'state') == 'running' then
+    release_slot(s)
+    local attempts = tonumber(redis.call('HGET', job, 'attempts'))
+    local reason = 'worker ' .. (redis.call('HGET', job, 'worker') or '?') .. ' lost its lease (crashed or stalled)'
+    if attempts >= tonumber(redis.call('HGET', job, 'max')) then
+      bury(id, 'gave up after ' .. attempts .. ' attempts: ' .. reason, now)
+    else
+      redis.call('HSET', job, 'error', reason)
+      make_ready(id, s, false, now)
+    end
+    refresh_and_wake(s, now)
+  end
+end
+return #expired

@@ -1,0 +1,37 @@
+use std::sync::OnceLock;
+
+use redis::Script;
+
+/// The queue's Lua scripts, each prefixed with the shared helpers in `lua/common.lua`.
+pub(crate) struct Scripts {
+    pub enqueue: Script,
+    pub claim: Script,
+    pub finish: Script,
+    pub heartbeat: Script,
+    pub reap: Script,
+    pub set_limit: Script,
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/common.lua"),
+            "\n",
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+
+impl Scripts {
+    pub fn get() -> &'static Self {
+        static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+        SCRIPTS.get_or_init(|| Self {
+            enqueue: script!("enqueue.lua"),
+            claim: script!("claim.lua"),
+            finish: script!("finish.lua"),
+            heartbeat: script!("heartbeat.lua"),
+            reap: script!("reap.lua"),
+            set_limit: script!("set_limit.lua"),
+        })
+    }
+}

@@ -1,0 +1,273 @@
+use chrono::{DateTime, Utc};
+use keyfleet_core::{ServerId, SubscriptionId};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{Error, Result, Store};
+
+/// One key of a subscription as `keyfleet status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyStatus {
+    pub server: String,
+    pub server_id: ServerId,
+    pub kind: String,
+    pub state: String,
+    pub server_key_id: Option<String>,
+    pub link_present: bool,
+    pub config_synced_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// A job result to write back, carrying the fence token of the attempt that produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyWrite {
+    /// The key exists on the server with this id and link.
+    Created {
+        subscription: SubscriptionId,
+        server: ServerId,
+        fence: i64,
+        server_key_id: String,
+        link: String,
+    },
+    /// The key's job was dead-lettered: record why.
+    Failed {
+        subscription: SubscriptionId,
+        server: ServerId,
+        fence: i64,
+        error: String,
+    },
+}
+
+impl KeyWrite {
+    pub fn key(&self) -> (&SubscriptionId, ServerId) {
+        match self {
+            Self::Created {
+                subscription,
+                server,
+                ..
+            }
+            | Self::Failed {
+                subscription,
+                server,
+                ..
+            } => (subscription, *server),
+        }
+    }
+
+    pub fn fence(&self) -> i64 {
+        match self {
+            Self::Created { fence, .. } | Self::Failed { fence, .. } => *fence,
+        }
+    }
+}
+
+/// Keys per server with their states, for the demo summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerKeyCount {
+    pub server: String,
+    pub active: i64,
+    pub with_link: i64,
+    pub synced: i64,
+    pub other: i64,
+}
+
+/// Time from enqueue to key-in-Postgres over the active keys.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LatencyStats {
+    pub count: i64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Store {
+    /// The per-server state of a subscription's keys; `NotFound` for an unknown subscription.
+    pub async fn subscription_status(&self, sub: &SubscriptionId) -> Result<Vec<KeyStatus>> {
+        if !self.subscription_exists(sub).await? {
+            return Err(Error::NotFound(format!("unknown subscription {sub:?}")));
+        }
+        let rows = sqlx::query(
+            "SELECT s.name, s.id AS server_id, s.kind, k.state, k.server_key_id, k.link IS NOT NULL AS link_present,
+                    k.config_synced_at, k.last_error
+             FROM keys k JOIN servers s ON s.id = k.server_id
+             WHERE k.subscription_id = $1 ORDER BY s.id",
+        )
+        .bind(sub.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(KeyStatus {
+                    server: row.try_get("name")?,
+                    server_id: ServerId(row.try_get("server_id")?),
+                    kind: row.try_get("kind")?,
+                    state: row.try_get("state")?,
+                    server_key_id: row.try_get("server_key_id")?,
+                    link_present: row.try_get("link_present")?,
+                    config_synced_at: row.try_get("config_synced_at")?,
+                    last_error: row.try_get("last_error")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a batch of results in one transaction, one multi-row statement per kind of result.
+    /// Returns, for each input in order, whether it was applied (false: fenced out by a newer attempt
+    /// or the key row no longer exists).
+    pub async fn write_keys(&self, batch: &[KeyWrite]) -> Result<Vec<bool>> {
+        let mut created = Unnested::default();
+        let mut failed = Unnested::default();
+        for (i, write) in batch.iter().enumerate() {
+            match write {
+                KeyWrite::Created {
+                    subscription,
+                    server,
+                    fence,
+                    server_key_id,
+                    link,
+                } => {
+                    created.push(i, subscription, *server, *fence);
+                    created.texts.0.push(server_key_id.clone());
+                    created.texts.1.push(link.clone());
+                }
+                KeyWrite::Failed {
+                    subscription,
+                    server,
+                    fence,
+                    error,
+                } => {
+                    failed.push(i, subscription, *server, *fence);
+                    failed.texts.0.push(error.clone());
+                }
+            }
+        }
+        let mut applied = vec![false; batch.len()];
+        let mut tx = self.pool.begin().await?;
+        if !created.index.is_empty() {
+            let rows = sqlx::query(
+                "UPDATE keys k
+                 SET state = 'active', server_key_id = u.server_key_id, link = u.link,
+                     config_synced_at = now(), config_generation = s.config_generation,
+                     last_error = NULL, fence = u.fence, updated_at = now()
+                 FROM UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+                      AS u(idx, subscription_id, server_id, fence, server_key_id, link),
+                      servers s
+                 WHERE k.subscription_id = u.subscription_id AND k.server_id = u.server_id
+                   AND s.id = u.server_id AND k.fence <= u.fence
+                 RETURNING u.idx",
+            )
+            .bind(&created.index)
+            .bind(&created.subscriptions)
+            .bind(&created.servers)
+            .bind(&created.fences)
+            .bind(&created.texts.0)
+            .bind(&created.texts.1)
+            .fetch_all(&mut *tx)
+            .await?;
+            mark_applied(&mut applied, &rows)?;
+        }
+        if !failed.index.is_empty() {
+            let rows = sqlx::query(
+                "UPDATE keys k
+                 SET state = 'failed', last_error = u.error, fence = u.fence, updated_at = now()
+                 FROM UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
+                      AS u(idx, subscription_id, server_id, fence, error)
+                 WHERE k.subscription_id = u.subscription_id AND k.server_id = u.server_id
+                   AND k.fence <= u.fence AND k.state <> 'active'
+                 RETURNING u.idx",
+            )
+            .bind(&failed.index)
+            .bind(&failed.subscriptions)
+            .bind(&failed.servers)
+            .bind(&failed.fences)
+            .bind(&failed.texts.0)
+            .fetch_all(&mut *tx)
+            .await?;
+            mark_applied(&mut applied, &rows)?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Keys per server (all servers, including those without keys).
+    pub async fn key_counts(&self) -> Result<Vec<ServerKeyCount>> {
+        let rows = sqlx::query(
+            "SELECT s.name,
+                    count(*) FILTER (WHERE k.state = 'active') AS active,
+                    count(k.link) AS with_link,
+                    count(k.config_synced_at) AS synced,
+                    count(*) FILTER (WHERE k.state IS NOT NULL AND k.state <> 'active') AS other
+             FROM servers s LEFT JOIN keys k ON k.server_id = s.id
+             GROUP BY s.id, s.name ORDER BY s.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ServerKeyCount {
+                    server: row.try_get("name")?,
+                    active: row.try_get("active")?,
+                    with_link: row.try_get("with_link")?,
+                    synced: row.try_get("synced")?,
+                    other: row.try_get("other")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Percentiles of enqueue -> key stored, over active keys.
+    pub async fn provision_latency(&self) -> Result<LatencyStats> {
+        let row = sqlx::query(
+            "SELECT count(*) AS n,
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0) AS p50,
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0) AS p99,
+                    coalesce(max(ms), 0) AS max
+             FROM (SELECT extract(epoch FROM (config_synced_at - enqueued_at)) * 1000 AS ms
+                   FROM keys WHERE state = 'active' AND enqueued_at IS NOT NULL) t",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LatencyStats {
+            count: row.try_get("n")?,
+            p50_ms: row.try_get("p50")?,
+            p99_ms: row.try_get("p99")?,
+            max_ms: row.try_get::<f64, _>("max")?,
+        })
+    }
+
+    /// How many keys are in each state (for progress displays).
+    pub async fn count_keys_in_state(&self, state: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT count(*) AS n FROM keys WHERE state = $1")
+            .bind(state)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+}
+
+/// Column arrays for one `UNNEST` statement.
+#[derive(Default)]
+struct Unnested {
+    index: Vec<i32>,
+    subscriptions: Vec<String>,
+    servers: Vec<i64>,
+    fences: Vec<i64>,
+    texts: (Vec<String>, Vec<String>),
+}
+
+impl Unnested {
+    fn push(&mut self, index: usize, sub: &SubscriptionId, server: ServerId, fence: i64) {
+        self.index.push(index as i32);
+        self.subscriptions.push(sub.as_str().to_owned());
+        self.servers.push(server.0);
+        self.fences.push(fence);
+    }
+}
+
+fn mark_applied(applied: &mut [bool], rows: &[sqlx::postgres::PgRow]) -> Result<()> {
+    for row in rows {
+        let idx: i32 = row.try_get(0)?;
+        applied[idx as usize] = true;
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+use keyfleet_core::{ServerId, ServerKind};
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::{Error, Result, Store, constraint_error};
+
+/// A server to register. Values are validated by the caller and again by the schema's checks.
+#[derive(Debug, Clone)]
+pub struct NewServer {
+    pub name: String,
+    pub kind: ServerKind,
+    pub api_url: String,
+    pub api_key: Option<String>,
+    pub cert_sha256: Option<String>,
+    pub max_in_flight: i32,
+}
+
+#[derive(Clone, Serialize)]
+pub struct Server {
+    pub id: ServerId,
+    pub name: String,
+    pub kind: ServerKind,
+    #[serde(skip)]
+    pub api_url: String,
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    pub cert_sha256: Option<String>,
+    pub max_in_flight: i32,
+    pub active: bool,
+    pub config_generation: i64,
+}
+
+impl std::fmt::Debug for Server {
+    // The API URL (Outline's secret prefix) and the API key are credentials: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+const SERVER_COLUMNS: &str =
+    "id, name, kind, api_url, api_key, cert_sha256, max_in_flight, active, config_generation";
+
+fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Server {
+        id: ServerId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        kind: kind
+            .parse()
+            .map_err(|e| Error::Rejected(format!("servers.kind: {e}")))?,
+        api_url: row.try_get("api_url")?,
+        api_key: row.try_get("api_key")?,
+        cert_sha256: row.try_get("cert_sha256")?,
+        max_in_flight: row.try_get("max_in_flight")?,
+        active: row.try_get("active")?,
+        config_generation: row.try_get("config_generation")?,
+    })
+}
+
+impl Store {
+    pub async fn add_server(&self, new: &NewServer) -> Result<Server> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO servers (name, kind, api_url, api_key, cert_sha256, max_in_flight)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {SERVER_COLUMNS}"
+        ))
+        .bind(&new.name)
+        .bind(new.kind.as_str())
+        .bind(&new.api_url)
+        .bind(&new.api_key)
+        .bind(&new.cert_sha256)
+        .bind(new.max_in_flight)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| constraint_error(e, &format!("server {:?}", new.name)))?;
+        server_from_row(&row)
+    }
+
+    pub async fn list_servers(&self) -> Result<Vec<Server>> {
+        let rows = sqlx::query(&format!("SELECT {SERVER_COLUMNS} FROM servers ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    pub async fn server(&self, id: ServerId) -> Result<Option<Server>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE id = $1"
+        ))
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(server_from_row).transpose()
+    }
+
+    pub async fn server_by_name(&self, name: &str) -> Result<Server> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => server_from_row(&row),
+            None => Err(Error::NotFound(format!("no server named {name:?}"))),
+        }
+    }
+
+    pub async fn set_server_limit(&self, name: &str, max_in_flight: i32) -> Result<Server> {
+        let row = sqlx::query(&format!(
+            "UPDATE servers SET max_in_flight = $2 WHERE name = $1 RETURNING {SERVER_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(max_in_flight)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| constraint_error(e, &format!("limit {max_in_flight} for server {name:?}")))?;
+        match row {
+            Some(row) => server_from_row(&row),
+            None => Err(Error::NotFound(format!("no server named {name:?}"))),
+        }
+    }
+}
