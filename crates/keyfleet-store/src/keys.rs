@@ -222,7 +222,7 @@ impl Store {
                     coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0) AS p50,
                     coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0) AS p99,
                     coalesce(max(ms), 0) AS max
-             FROM (SELECT extract(epoch FROM (config_synced_at - enqueued_at)) * 1000 AS ms
+             FROM (SELECT (extract(epoch FROM (config_synced_at - enqueued_at)) * 1000)::float8 AS ms
                    FROM keys WHERE state = 'active' AND enqueued_at IS NOT NULL) t",
         )
         .fetch_one(&self.pool)

@@ -135,3 +135,11 @@ fn constraint_error(e: sqlx::Error, what: &str) -> Error {
     }
     Error::Db(e)
 }
+
+impl Store {
+    /// Runs one statement that takes no parameters (database administration: CREATE/DROP DATABASE).
+    pub async fn execute_admin(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,1 +1,267 @@
-fn main() {}
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use keyfleet::{
+    demo,
+    producer::Producer,
+    servers::validate_new_server,
+    settings::Settings,
+    telemetry,
+    worker::{self, WorkerOptions},
+};
+use keyfleet_core::SubscriptionId;
+
+/// keyfleet: provisions VPN access keys across a fleet of V2Ray and Outline servers through a
+/// durable Redis job queue, with Postgres as the source of truth.
+///
+/// Configuration: DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres),
+/// REDIS_URL (default redis://127.0.0.1:6379), KEYFLEET_REDIS_PREFIX (default "keyfleet").
+#[derive(Parser)]
+#[command(name = "keyfleet", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    /// Register and inspect VPN servers.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Create or renew a subscription: record it and enqueue one create job per active server.
+    Provision {
+        /// The subscription's id (letters, digits, '-', '_'; case-insensitive).
+        #[arg(long)]
+        subscription: String,
+        /// When the subscription expires (RFC 3339, e.g. 2027-01-31T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// Print the receipt as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a worker: claim jobs, execute them against the servers, write results back.
+    Worker {
+        /// Jobs run at once by this process.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+    /// Show a subscription's keys, per server.
+    Status {
+        #[arg(long)]
+        subscription: String,
+        /// Print JSON (per server: state, server-side id, link present, config_synced_at, last error).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole system on an embedded fake fleet (10 V2Ray + 1 Outline) and print a summary.
+    Demo(demo::DemoOptions),
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Register a server.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// v2ray or outline.
+        #[arg(long)]
+        kind: String,
+        /// Panel URL (v2ray) or the apiUrl with its secret prefix (outline).
+        #[arg(long)]
+        api_url: String,
+        /// X-API-Key of a v2ray panel.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// certSha256 of an outline server (64 hex digits).
+        #[arg(long)]
+        cert_sha256: Option<String>,
+        /// Most requests the whole fleet of workers may have in flight to this server.
+        #[arg(long, default_value_t = 4)]
+        max_in_flight: u32,
+    },
+    /// List servers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a server's fleet-wide in-flight limit at run time.
+    SetLimit { name: String, max_in_flight: u32 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Worker { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    telemetry::init(default_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    match cli.command {
+        Command::Migrate => {
+            settings.store().await?.migrate().await?;
+            println!("migrations applied");
+        }
+        Command::Server(command) => server(settings, command).await?,
+        Command::Provision {
+            subscription,
+            expires_at,
+            json,
+        } => {
+            let sub = SubscriptionId::parse(&subscription)
+                .map_err(|e| anyhow::anyhow!("--subscription: {e}"))?;
+            let expires_at = expires_at
+                .map(|raw| {
+                    DateTime::parse_from_rfc3339(&raw)
+                        .map(|t| t.with_timezone(&Utc))
+                        .with_context(|| format!("--expires-at {raw:?} is not an RFC 3339 time"))
+                })
+                .transpose()?;
+            let producer = Producer::new(settings.store().await?, settings.queue()?);
+            let receipt = producer.provision(&sub, expires_at).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&receipt)?);
+            } else {
+                let new = receipt.jobs.iter().filter(|j| j.new).count();
+                println!(
+                    "subscription {}: {} create jobs enqueued ({} new, {} already queued), {} keys already active",
+                    receipt.subscription,
+                    receipt.jobs.len(),
+                    new,
+                    receipt.jobs.len() - new,
+                    receipt.already_active.len()
+                );
+            }
+        }
+        Command::Worker { concurrency } => {
+            worker::run(settings, WorkerOptions::new(concurrency), shutdown_signal()).await?;
+        }
+        Command::Status { subscription, json } => {
+            let sub = SubscriptionId::parse(&subscription)
+                .map_err(|e| anyhow::anyhow!("--subscription: {e}"))?;
+            let keys = settings.store().await?.subscription_status(&sub).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<9} {:<40} {:<5} {:<27} error",
+                    "server", "kind", "state", "server key id", "link", "config synced at"
+                );
+                for k in keys {
+                    println!(
+                        "{:<20} {:<8} {:<9} {:<40} {:<5} {:<27} {}",
+                        k.server,
+                        k.kind,
+                        k.state,
+                        k.server_key_id.unwrap_or_default(),
+                        if k.link_present { "yes" } else { "no" },
+                        k.config_synced_at
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_default(),
+                        k.last_error.unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Demo(options) => demo::run(settings, options).await?,
+    }
+    Ok(())
+}
+
+async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()> {
+    let store = settings.store().await?;
+    match command {
+        ServerCommand::Add {
+            name,
+            kind,
+            api_url,
+            api_key,
+            cert_sha256,
+            max_in_flight,
+        } => {
+            let new = validate_new_server(
+                &name,
+                &kind,
+                &api_url,
+                api_key.as_deref(),
+                cert_sha256.as_deref(),
+                max_in_flight,
+            )?;
+            let server = store.add_server(&new).await?;
+            settings
+                .queue()?
+                .set_limits(&[(server.id, max_in_flight)])
+                .await?;
+            println!("server {} added with id {}", server.name, server.id);
+        }
+        ServerCommand::List { json } => {
+            let servers = store.list_servers().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&servers)?);
+            } else {
+                println!(
+                    "{:<6} {:<20} {:<8} {:<14} active",
+                    "id", "name", "kind", "max-in-flight"
+                );
+                for s in servers {
+                    println!(
+                        "{:<6} {:<20} {:<8} {:<14} {}",
+                        s.id, s.name, s.kind, s.max_in_flight, s.active
+                    );
+                }
+            }
+        }
+        ServerCommand::SetLimit {
+            name,
+            max_in_flight,
+        } => {
+            anyhow::ensure!(
+                (1..=1000).contains(&max_in_flight),
+                "max-in-flight {max_in_flight} is out of range: use 1..=1000"
+            );
+            let server = store.set_server_limit(&name, max_in_flight as i32).await?;
+            settings
+                .queue()?
+                .set_limits(&[(server.id, max_in_flight)])
+                .await?;
+            println!(
+                "server {} now allows {} requests in flight",
+                server.name, max_in_flight
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

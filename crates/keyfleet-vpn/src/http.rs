@@ -1,0 +1,421 @@
+//! The transport both clients share: one pooled reqwest client per server, URL building below
+//! the API prefix, and the mapping of transport failures and HTTP statuses to [`Error`].
+
+use std::{
+    error::Error as StdError,
+    time::{Instant, SystemTime},
+};
+
+use reqwest::{Method, StatusCode, header::HeaderMap};
+use serde::{Serialize, de::DeserializeOwned};
+use url::Url;
+
+use crate::{
+    ClientConfig, Error, Result,
+    retry_after::parse_retry_after,
+    tls::{fingerprint_hex, pin_mismatch_in, pinned_config, rustls_error_in},
+};
+
+/// How much of an error body goes into an error message.
+const BODY_EXCERPT_CHARS: usize = 200;
+
+/// `scheme://host:port/…`: where a server is, without credentials, path (an Outline secret
+/// prefix), query or fragment.
+pub fn redact_url(url: &Url) -> String {
+    let host = match url.host() {
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        Some(host) => host.to_string(),
+        None => "?".to_owned(),
+    };
+    let port = url
+        .port_or_known_default()
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let path = if url.path().is_empty() || url.path() == "/" {
+        ""
+    } else {
+        "/…"
+    };
+    format!("{}://{host}{port}{path}", url.scheme())
+}
+
+/// A response whose status the caller has not judged yet.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+    pub endpoint: String,
+    retry_after: Option<std::time::Duration>,
+}
+
+pub(crate) struct Http {
+    client: reqwest::Client,
+    base: Url,
+    /// The redacted base URL, used in every error and log line.
+    server: String,
+    /// Strings that must never appear in a message: the full base URL and its path.
+    secrets: Vec<String>,
+    /// The pinned fingerprint as printed in errors.
+    pin_hex: Option<String>,
+}
+
+impl Http {
+    pub(crate) fn new(
+        api_url: &Url,
+        config: &ClientConfig,
+        headers: HeaderMap,
+        pin: Option<[u8; 32]>,
+    ) -> Result<Self> {
+        let server = redact_url(api_url);
+        if !matches!(api_url.scheme(), "http" | "https")
+            || api_url.cannot_be_a_base()
+            || api_url.host().is_none()
+        {
+            return Err(Error::Config {
+                reason: format!("API URL {server} is not an http(s) URL with a host"),
+            });
+        }
+        let mut base = api_url.clone();
+        base.set_query(None);
+        base.set_fragment(None);
+
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("keyfleet/", env!("CARGO_PKG_VERSION")))
+            .default_headers(headers);
+        if let Some(pin) = pin {
+            let tls = pinned_config(pin).map_err(|e| Error::Config {
+                reason: format!("cannot build the TLS configuration for {server}: {e}"),
+            })?;
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let client = builder.build().map_err(|e| Error::Config {
+            reason: format!("cannot build the HTTP client for {server}: {e}"),
+        })?;
+
+        let mut secrets = vec![base.as_str().trim_end_matches('/').to_owned()];
+        let path = base.path().trim_matches('/');
+        if !path.is_empty() {
+            secrets.push(path.to_owned());
+        }
+        Ok(Self {
+            client,
+            base,
+            server,
+            secrets,
+            pin_hex: pin.as_ref().map(fingerprint_hex),
+        })
+    }
+
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
+    fn url(&self, path: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in Http::new: the URL can be a base")
+            .pop_if_empty()
+            .extend(path);
+        url
+    }
+
+    pub(crate) async fn call(&self, method: Method, path: &[&str]) -> Result<Reply> {
+        self.send(method, path, None::<&()>).await
+    }
+
+    pub(crate) async fn call_json<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &[&str],
+        body: &B,
+    ) -> Result<Reply> {
+        self.send(method, path, Some(body)).await
+    }
+
+    async fn send<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &[&str],
+        body: Option<&B>,
+    ) -> Result<Reply> {
+        let endpoint = format!("{method} /{}", path.join("/"));
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let started = Instant::now();
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&endpoint, &e))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body: Vec<u8> = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&endpoint, &e))?
+            .into();
+        tracing::debug!(
+            server = %self.server,
+            endpoint = %endpoint,
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "VPN API call finished"
+        );
+        Ok(Reply {
+            status,
+            body,
+            endpoint,
+            retry_after,
+        })
+    }
+
+    /// The reply if its status is a success, else the error its status means.
+    pub(crate) fn success(&self, reply: Reply) -> Result<Reply> {
+        if reply.status.is_success() {
+            Ok(reply)
+        } else {
+            Err(self.status_error(&reply))
+        }
+    }
+
+    /// A successful reply's body as `T`.
+    pub(crate) fn json<T: DeserializeOwned>(&self, reply: Reply) -> Result<T> {
+        let reply = self.success(reply)?;
+        serde_json::from_slice(&reply.body).map_err(|e| Error::Decode {
+            server: self.server.clone(),
+            endpoint: reply.endpoint.clone(),
+            detail: self.excerpt(&e.to_string()),
+        })
+    }
+
+    pub(crate) fn status_error(&self, reply: &Reply) -> Error {
+        let server = self.server.clone();
+        let endpoint = reply.endpoint.clone();
+        let body = self.excerpt(&String::from_utf8_lossy(&reply.body));
+        let status = reply.status;
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized { server },
+            StatusCode::TOO_MANY_REQUESTS => Error::RateLimited {
+                server,
+                retry_after: reply.retry_after,
+            },
+            StatusCode::NOT_FOUND => Error::NotFound {
+                server,
+                what: format!("{endpoint} returned 404: {body}"),
+            },
+            StatusCode::CONFLICT => Error::Conflict {
+                server,
+                detail: format!("{endpoint} returned 409: {body}"),
+            },
+            s if s.is_server_error() => Error::ServerError {
+                server,
+                endpoint,
+                status: s.as_u16(),
+                body,
+            },
+            s => Error::BadRequest {
+                server,
+                endpoint,
+                status: s.as_u16(),
+                body,
+            },
+        }
+    }
+
+    fn transport_error(&self, endpoint: &str, err: &reqwest::Error) -> Error {
+        let server = self.server.clone();
+        if let Some(actual) = pin_mismatch_in(err) {
+            return Error::CertificateMismatch {
+                server,
+                expected: self.pin_hex.clone().unwrap_or_default(),
+                actual: fingerprint_hex(&actual),
+            };
+        }
+        let detail = self.excerpt(&describe_causes(err));
+        if rustls_error_in(err).is_some() {
+            return Error::Tls { server, detail };
+        }
+        if err.is_connect() {
+            return Error::Connect { server, detail };
+        }
+        if err.is_timeout() {
+            return Error::Timeout {
+                server,
+                endpoint: endpoint.to_owned(),
+            };
+        }
+        if err.is_builder() {
+            return Error::Config {
+                reason: format!("cannot build the request {endpoint} for {server}: {detail}"),
+            };
+        }
+        Error::Interrupted {
+            server,
+            endpoint: endpoint.to_owned(),
+            detail,
+        }
+    }
+
+    /// At most [`BODY_EXCERPT_CHARS`] characters of `text`, with the secret URL parts removed.
+    fn excerpt(&self, text: &str) -> String {
+        let mut text = text.trim().to_owned();
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "…");
+        }
+        match text.char_indices().nth(BODY_EXCERPT_CHARS) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text,
+        }
+    }
+}
+
+/// The causes of a reqwest error, without reqwest's own message (it contains the URL).
+fn describe_causes(err: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = err.source();
+    while let Some(e) = current {
+        let part = e.to_string();
+        if !parts.iter().any(|p| p.contains(&part)) {
+            parts.push(part);
+        }
+        current = e.source();
+    }
+    if parts.is_empty() {
+        let kind = if err.is_timeout() {
+            "timed out"
+        } else {
+            "failed"
+        };
+        return format!("request {kind}");
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn redaction_hides_prefix_and_credentials() {
+        assert_eq!(
+            redact_url(&url("https://1.2.3.4:8443/Xy7SecretPrefix")),
+            "https://1.2.3.4:8443/…"
+        );
+        assert_eq!(
+            redact_url(&url("https://1.2.3.4:8443/Xy7SecretPrefix/")),
+            "https://1.2.3.4:8443/…"
+        );
+        assert_eq!(
+            redact_url(&url("https://user:pw@vpn.example.net/")),
+            "https://vpn.example.net:443"
+        );
+        assert_eq!(
+            redact_url(&url("http://vpn.example.net:8080?key=s3cret#frag")),
+            "http://vpn.example.net:8080"
+        );
+        assert_eq!(
+            redact_url(&url("https://[::1]:9000/abc")),
+            "https://[::1]:9000/…"
+        );
+    }
+
+    fn http(base: &str) -> Http {
+        Http::new(&url(base), &ClientConfig::default(), HeaderMap::new(), None).unwrap()
+    }
+
+    #[test]
+    fn urls_go_below_the_prefix_and_ids_are_one_segment() {
+        let h = http("https://h:1/SECRET");
+        assert_eq!(
+            h.url(&["access-keys", "kf-a"]).as_str(),
+            "https://h:1/SECRET/access-keys/kf-a"
+        );
+        let h = http("https://h:1/SECRET/");
+        assert_eq!(h.url(&["server"]).as_str(), "https://h:1/SECRET/server");
+        assert_eq!(
+            h.url(&["access-keys", "a/b?c"]).as_str(),
+            "https://h:1/SECRET/access-keys/a%2Fb%3Fc"
+        );
+        let h = http("http://h:1");
+        assert_eq!(h.url(&["api", "users"]).as_str(), "http://h:1/api/users");
+    }
+
+    #[test]
+    fn excerpts_are_short_and_scrubbed() {
+        let h = http("https://h:1/SECRET");
+        let long = "é".repeat(500);
+        let e = h.excerpt(&long);
+        assert_eq!(e.chars().count(), BODY_EXCERPT_CHARS + 1);
+        assert_eq!(
+            h.excerpt("error for https://h:1/SECRET/server"),
+            "error for …/server"
+        );
+        assert_eq!(h.excerpt("path SECRET leaked"), "path … leaked");
+    }
+
+    #[test]
+    fn statuses_map_to_errors() {
+        let h = http("https://h:1/SECRET");
+        let reply = |status: u16, body: &str| Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: body.as_bytes().to_vec(),
+            endpoint: "GET /x".into(),
+            retry_after: None,
+        };
+        assert!(matches!(
+            h.status_error(&reply(401, "")),
+            Error::Unauthorized { .. }
+        ));
+        assert!(matches!(
+            h.status_error(&reply(404, "")),
+            Error::NotFound { .. }
+        ));
+        assert!(matches!(
+            h.status_error(&reply(409, "")),
+            Error::Conflict { .. }
+        ));
+        assert!(matches!(
+            h.status_error(&reply(400, "")),
+            Error::BadRequest { status: 400, .. }
+        ));
+        assert!(matches!(
+            h.status_error(&reply(503, "down")),
+            Error::ServerError { status: 503, .. }
+        ));
+        assert!(matches!(
+            h.status_error(&reply(429, "")),
+            Error::RateLimited {
+                retry_after: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            h.json::<u32>(reply(200, "{")),
+            Err(Error::Decode { .. })
+        ));
+        assert_eq!(h.json::<u32>(reply(200, "7")).unwrap(), 7);
+    }
+
+    #[test]
+    fn rejects_urls_that_are_not_http() {
+        let cfg = ClientConfig::default();
+        for bad in ["ftp://h/x", "mailto:a@b", "file:///tmp/x"] {
+            let err = Http::new(&url(bad), &cfg, HeaderMap::new(), None)
+                .err()
+                .unwrap();
+            assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
+        }
+    }
+}

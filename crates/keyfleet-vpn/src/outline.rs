@@ -1,0 +1,498 @@
+//! The Outline server management API (`shared/specs/outline-server-api.md`): the secret is the
+//! URL path prefix, the certificate is pinned. From v1.8.0 keys are created with a chosen id
+//! (`PUT /access-keys/{id}`), which makes creation idempotent; older servers pick the id, so a
+//! retry finds an earlier attempt's key by its name.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use keyfleet_core::{
+    ServerKind, SubscriptionId, owned_key_name, owned_outline_key_id, subscription_of_owned_name,
+};
+use reqwest::{Method, StatusCode, header::HeaderMap};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use crate::{
+    ClientConfig, DeleteOutcome, Error, KeyTraffic, ProvisionedKey, RemoteKey, Result,
+    ServerEndpoint,
+    de::{lenient_u64, null_as_empty, number_to_u64, string_or_number},
+    http::{Http, redact_url},
+    parse_cert_sha256,
+};
+
+/// The first server version with `PUT /access-keys/{id}` and `GET /access-keys/{id}`.
+const CHOSEN_ID_VERSION: (u64, u64, u64) = (1, 8, 0);
+
+/// `GET /server`. Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerInfo {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub server_id: Option<String>,
+    #[serde(default)]
+    pub metrics_enabled: Option<bool>,
+    #[serde(default)]
+    pub created_timestamp_ms: Option<u64>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub version: String,
+    #[serde(default)]
+    pub port_for_new_access_keys: Option<u16>,
+    #[serde(default)]
+    pub hostname_for_access_keys: Option<String>,
+    #[serde(default)]
+    pub access_key_data_limit: Option<DataLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct DataLimit {
+    #[serde(default, deserialize_with = "lenient_u64")]
+    pub bytes: u64,
+}
+
+/// An access key. Unknown fields are ignored; `Debug` hides the password and the access URL.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessKey {
+    #[serde(deserialize_with = "string_or_number")]
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub data_limit: Option<DataLimit>,
+    /// `ss://…`: the credential handed to the user.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub access_url: String,
+}
+
+impl fmt::Debug for AccessKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessKey")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("port", &self.port)
+            .field("method", &self.method)
+            .field("data_limit", &self.data_limit)
+            .field(
+                "access_url",
+                &format_args!("<{} chars>", self.access_url.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AccessKeyList {
+    access_keys: Vec<AccessKey>,
+}
+
+/// `GET /metrics/transfer`: bytes per key id over the last 30 days.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferMetrics {
+    #[serde(default, deserialize_with = "bytes_by_id")]
+    pub bytes_transferred_by_user_id: BTreeMap<String, u64>,
+}
+
+fn bytes_by_id<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, u64>, D::Error> {
+    let raw =
+        Option::<BTreeMap<String, Option<serde_json::Number>>>::deserialize(d)?.unwrap_or_default();
+    Ok(raw
+        .into_iter()
+        .map(|(id, n)| (id, n.map(number_to_u64).unwrap_or(0)))
+        .collect())
+}
+
+#[derive(Serialize)]
+struct KeyName<'a> {
+    name: &'a str,
+}
+
+/// The server's API version, fetched once per client.
+#[derive(Debug)]
+struct Api {
+    chosen_ids: bool,
+}
+
+struct Inner {
+    http: Http,
+    api: OnceCell<Api>,
+}
+
+/// Client of one Outline server; cheap to clone (the pooled HTTP client and the cached server
+/// version are shared).
+#[derive(Clone)]
+pub struct OutlineClient {
+    inner: Arc<Inner>,
+}
+
+impl OutlineClient {
+    pub fn new(endpoint: &ServerEndpoint, config: &ClientConfig) -> Result<Self> {
+        let server = redact_url(&endpoint.api_url);
+        if endpoint.kind != ServerKind::Outline {
+            return Err(Error::Config {
+                reason: format!("{server} is a {} server, not outline", endpoint.kind),
+            });
+        }
+        if endpoint.api_url.scheme() != "https" {
+            return Err(Error::Config {
+                reason: format!(
+                    "Outline server {server}: apiUrl must be https (the certificate is pinned)"
+                ),
+            });
+        }
+        let raw = endpoint.cert_sha256.as_deref().ok_or_else(|| Error::Config {
+            reason: format!("Outline server {server} has no cert_sha256 (the installer's certSha256); it is required"),
+        })?;
+        let pin = parse_cert_sha256(raw).map_err(|e| Error::Config {
+            reason: format!("cert_sha256 of Outline server {server}: {e}"),
+        })?;
+        let http = Http::new(&endpoint.api_url, config, HeaderMap::new(), Some(pin))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                api: OnceCell::new(),
+            }),
+        })
+    }
+
+    /// The redacted API URL (no secret prefix).
+    pub fn server(&self) -> &str {
+        self.inner.http.server()
+    }
+
+    fn http(&self) -> &Http {
+        &self.inner.http
+    }
+
+    /// `GET /server`. A 404 here means the secret prefix is wrong.
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        let reply = self.http().call(Method::GET, &["server"]).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Err(Error::NotFound {
+                server: self.server().to_owned(),
+                what: "the Outline API: GET /server returned 404; is the secret prefix of apiUrl right?".into(),
+            });
+        }
+        self.http().json(reply)
+    }
+
+    /// `POST /access-keys {name}`: the server picks the id.
+    pub async fn create_key_post(&self, name: &str) -> Result<AccessKey> {
+        let reply = self
+            .http()
+            .call_json(Method::POST, &["access-keys"], &KeyName { name })
+            .await?;
+        self.http().json(reply)
+    }
+
+    /// `PUT /access-keys/{id} {name}` (v1.8.0+): 409 ([`Error::Conflict`]) if the id exists.
+    pub async fn create_key_put(&self, id: &str, name: &str) -> Result<AccessKey> {
+        self.check_id(id)?;
+        let reply = self
+            .http()
+            .call_json(Method::PUT, &["access-keys", id], &KeyName { name })
+            .await?;
+        self.http().json(reply)
+    }
+
+    /// `GET /access-keys/{id}` (v1.8.0+).
+    pub async fn get_key(&self, id: &str) -> Result<AccessKey> {
+        self.check_id(id)?;
+        let reply = self.http().call(Method::GET, &["access-keys", id]).await?;
+        self.http().json(reply)
+    }
+
+    /// `GET /access-keys`.
+    pub async fn list_keys(&self) -> Result<Vec<AccessKey>> {
+        let reply = self.http().call(Method::GET, &["access-keys"]).await?;
+        Ok(self.http().json::<AccessKeyList>(reply)?.access_keys)
+    }
+
+    /// `DELETE /access-keys/{id}`: 204 deleted, 404 already gone. Note that a wrong secret
+    /// prefix also gives 404; [`OutlineClient::remove_key`] rules that out first.
+    pub async fn delete_key(&self, id: &str) -> Result<DeleteOutcome> {
+        self.check_id(id)?;
+        let reply = self
+            .http()
+            .call(Method::DELETE, &["access-keys", id])
+            .await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(DeleteOutcome::AlreadyGone);
+        }
+        self.http().success(reply)?;
+        Ok(DeleteOutcome::Deleted)
+    }
+
+    /// `PUT /access-keys/{id}/name {name}`.
+    pub async fn rename_key(&self, id: &str, name: &str) -> Result<()> {
+        self.check_id(id)?;
+        let reply = self
+            .http()
+            .call_json(Method::PUT, &["access-keys", id, "name"], &KeyName { name })
+            .await?;
+        self.http().success(reply)?;
+        Ok(())
+    }
+
+    /// `GET /metrics/transfer`.
+    pub async fn transfer(&self) -> Result<TransferMetrics> {
+        let reply = self
+            .http()
+            .call(Method::GET, &["metrics", "transfer"])
+            .await?;
+        self.http().json(reply)
+    }
+
+    /// Whether the server takes chosen ids (v1.8.0+). Asks `GET /server` once per client; a
+    /// failure is not cached. An unparseable version is treated as old (the old way works on
+    /// every version).
+    pub async fn supports_chosen_ids(&self) -> Result<bool> {
+        let api = self
+            .inner
+            .api
+            .get_or_try_init(|| async {
+                let info = self.server_info().await?;
+                let chosen_ids = match parse_version(&info.version) {
+                    Some(v) => v >= CHOSEN_ID_VERSION,
+                    None => {
+                        tracing::warn!(
+                            server = %self.server(), version = %info.version,
+                            "Outline server reports a version keyfleet cannot parse; creating keys the pre-1.8 way"
+                        );
+                        false
+                    }
+                };
+                Ok::<_, Error>(Api { chosen_ids })
+            })
+            .await?;
+        Ok(api.chosen_ids)
+    }
+
+    /// Idempotent create, see [`crate::VpnClient::ensure_key`]. v1.8.0+: `PUT` the
+    /// subscription's id, and on 409 adopt the key there if its name is ours. Older: on a retry
+    /// adopt a key with our name from the list, else `POST`.
+    pub async fn ensure_key(&self, sub: &SubscriptionId, is_retry: bool) -> Result<ProvisionedKey> {
+        let name = owned_key_name(sub);
+        let (key, adopted) = if self.supports_chosen_ids().await? {
+            let id = owned_outline_key_id(sub);
+            match self.create_key_put(&id, &name).await {
+                Ok(key) => (key, false),
+                Err(Error::Conflict { server, detail }) => match self.get_key(&id).await {
+                    Ok(key) if subscription_of_owned_name(&key.name).as_ref() == Some(sub) => {
+                        (key, true)
+                    }
+                    Ok(_) => return Err(Error::ForeignKey { server, id }),
+                    Err(Error::NotFound { .. }) => {
+                        return Err(Error::Conflict {
+                            server,
+                            detail: format!("{detail}; yet GET /access-keys/{id} finds no key"),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        } else {
+            let existing = if is_retry {
+                oldest_owned(self.list_keys().await?, sub)
+            } else {
+                None
+            };
+            match existing {
+                Some(key) => (key, true),
+                None => {
+                    let mut key = self.create_key_post(&name).await?;
+                    if key.name != name {
+                        // Servers that ignore the name in the body: the name is what a retry
+                        // and the reconcile sweep find the key by.
+                        self.rename_key(&key.id, &name).await?;
+                        key.name = name;
+                    }
+                    (key, false)
+                }
+            }
+        };
+        if adopted {
+            tracing::info!(server = %self.server(), subscription = %sub, key_id = %key.id, "Adopted an existing Outline key");
+        }
+        let link = self.access_url(key.access_url, "the access key")?;
+        Ok(ProvisionedKey {
+            server_key_id: key.id,
+            link,
+            adopted,
+        })
+    }
+
+    /// The key's access URL: `GET /access-keys/{id}` on v1.8.0+, else from the list.
+    pub async fn fetch_link(&self, id: &str) -> Result<String> {
+        let key = if self.supports_chosen_ids().await? {
+            self.get_key(id).await?
+        } else {
+            self.list_keys()
+                .await?
+                .into_iter()
+                .find(|k| k.id == id)
+                .ok_or_else(|| Error::NotFound {
+                    server: self.server().to_owned(),
+                    what: format!("access key {id:?} is not in GET /access-keys"),
+                })?
+        };
+        self.access_url(key.access_url, "GET /access-keys")
+    }
+
+    /// Deletes a key after making sure the API answers at all (once per client), so that a wrong
+    /// secret prefix, which 404s everything, is not taken for "already gone".
+    pub async fn remove_key(&self, id: &str) -> Result<DeleteOutcome> {
+        self.supports_chosen_ids().await?;
+        self.delete_key(id).await
+    }
+
+    /// Every key as a [`RemoteKey`] named by its name.
+    pub async fn remote_keys(&self) -> Result<Vec<RemoteKey>> {
+        Ok(self
+            .list_keys()
+            .await?
+            .into_iter()
+            .map(|k| RemoteKey {
+                owner: subscription_of_owned_name(&k.name),
+                server_key_id: k.id,
+                name: k.name,
+            })
+            .collect())
+    }
+
+    /// Bytes per key (30-day rolling; keys with no traffic are absent).
+    pub async fn traffic(&self) -> Result<Vec<KeyTraffic>> {
+        Ok(self
+            .transfer()
+            .await?
+            .bytes_transferred_by_user_id
+            .into_iter()
+            .map(|(server_key_id, bytes)| KeyTraffic {
+                server_key_id,
+                bytes,
+            })
+            .collect())
+    }
+
+    fn access_url(&self, url: String, endpoint: &str) -> Result<String> {
+        if url.is_empty() {
+            return Err(Error::Decode {
+                server: self.server().to_owned(),
+                endpoint: endpoint.to_owned(),
+                detail: "the access key has no accessUrl".into(),
+            });
+        }
+        Ok(url)
+    }
+
+    fn check_id(&self, id: &str) -> Result<()> {
+        if id.is_empty() {
+            return Err(Error::NotFound {
+                server: self.server().to_owned(),
+                what: "an access key with an empty id".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `major.minor.patch` from `1.8.0`, `v1.12`, `1.8.0-beta+x`; missing parts are 0.
+fn parse_version(raw: &str) -> Option<(u64, u64, u64)> {
+    let core = raw.trim().trim_start_matches(['v', 'V']);
+    let core = core.split(['-', '+', ' ']).next()?;
+    let mut parts = core.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let mut next = || parts.next().map_or(Some(0), |p| p.parse().ok());
+    Some((major, next()?, next()?))
+}
+
+/// A key keyfleet made for `sub` (by name); the oldest (smallest numeric id) if several.
+fn oldest_owned(keys: Vec<AccessKey>, sub: &SubscriptionId) -> Option<AccessKey> {
+    keys.into_iter()
+        .enumerate()
+        .filter(|(_, k)| subscription_of_owned_name(&k.name).as_ref() == Some(sub))
+        .min_by_key(|(i, k)| {
+            let numeric = k.id.parse::<u64>().ok();
+            (numeric.is_none(), numeric, *i)
+        })
+        .map(|(_, k)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("1.8.0"), Some((1, 8, 0)));
+        assert_eq!(parse_version("v1.12"), Some((1, 12, 0)));
+        assert_eq!(parse_version("1.8.1-beta.2"), Some((1, 8, 1)));
+        assert_eq!(parse_version(" 2 "), Some((2, 0, 0)));
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("dev"), None);
+        assert_eq!(parse_version("1.x"), None);
+        assert!(parse_version("1.7.2").unwrap() < CHOSEN_ID_VERSION);
+        assert!(parse_version("1.10.0").unwrap() >= CHOSEN_ID_VERSION);
+    }
+
+    fn key(id: &str, name: &str) -> AccessKey {
+        AccessKey {
+            id: id.into(),
+            name: name.into(),
+            password: None,
+            port: None,
+            method: None,
+            data_limit: None,
+            access_url: "ss://x".into(),
+        }
+    }
+
+    #[test]
+    fn adopts_the_oldest_key_with_our_name() {
+        let sub = SubscriptionId::parse("s1").unwrap();
+        let keys = vec![
+            key("3", "alice"),
+            key("12", "kf-s1"),
+            key("9", "KF-S1"),
+            key("2", "kf-s2"),
+        ];
+        assert_eq!(oldest_owned(keys, &sub).unwrap().id, "9");
+        assert!(oldest_owned(vec![key("1", "s1")], &sub).is_none());
+    }
+
+    #[test]
+    fn decodes_server_json() {
+        let k: AccessKey = serde_json::from_str(
+            r#"{"id":4,"name":"kf-a","password":"pw","port":1234,"method":"chacha20-ietf-poly1305",
+                "accessUrl":"ss://c2VjcmV0@h:1/?outline=1","dataLimit":{"bytes":5},"new":true}"#,
+        )
+        .unwrap();
+        assert_eq!((k.id.as_str(), k.data_limit.unwrap().bytes), ("4", 5));
+        let debug = format!("{k:?}");
+        assert!(
+            !debug.contains("c2VjcmV0") && !debug.contains("pw"),
+            "{debug}"
+        );
+        let t: TransferMetrics =
+            serde_json::from_str(r#"{"bytesTransferredByUserId":{"0":10,"kf-a":2.5e3,"x":null}}"#)
+                .unwrap();
+        assert_eq!(t.bytes_transferred_by_user_id["kf-a"], 2500);
+        assert_eq!(t.bytes_transferred_by_user_id["x"], 0);
+        let i: ServerInfo =
+            serde_json::from_str(r#"{"name":"n","serverId":"id","version":"1.9.0","x":1}"#)
+                .unwrap();
+        assert_eq!(i.version, "1.9.0");
+    }
+}

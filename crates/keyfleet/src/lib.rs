@@ -1,0 +1,9 @@
+//! keyfleet as a library: the producer (record intent, enqueue jobs), the worker (claim, execute,
+//! write back), settings and the embedded demo. The `keyfleet` binary is a thin CLI over this.
+
+pub mod demo;
+pub mod producer;
+pub mod servers;
+pub mod settings;
+pub mod telemetry;
+pub mod worker;

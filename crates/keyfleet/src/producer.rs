@@ -1,0 +1,93 @@
+//! The producer: what the purchase service calls. It records the desired state in Postgres first
+//! (so a reconcile can always re-derive the work), then enqueues one job per server.
+
+use chrono::{DateTime, Utc};
+use keyfleet_core::{JobKind, JobPayload, ServerId, SubscriptionId};
+use keyfleet_queue::{JobId, Queue};
+use keyfleet_store::Store;
+use serde::Serialize;
+
+#[derive(Clone)]
+pub struct Producer {
+    store: Store,
+    queue: Queue,
+}
+
+/// What `provision` accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProvisionReceipt {
+    pub subscription: SubscriptionId,
+    pub jobs: Vec<EnqueuedJob>,
+    /// Servers where the key already exists (a renewal): nothing to do there.
+    pub already_active: Vec<ServerId>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnqueuedJob {
+    pub server: ServerId,
+    pub job: JobId,
+    /// False when the same create was already queued (idempotency): `job` is that one.
+    pub new: bool,
+}
+
+impl Producer {
+    pub fn new(store: Store, queue: Queue) -> Self {
+        Self { store, queue }
+    }
+
+    /// Creates or renews a subscription: one create job per active server whose key is not live.
+    pub async fn provision(
+        &self,
+        subscription: &SubscriptionId,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<ProvisionReceipt> {
+        if let Some(at) = expires_at
+            && at <= Utc::now()
+        {
+            anyhow::bail!("--expires-at {} is in the past", at.to_rfc3339());
+        }
+        let plan = self
+            .store
+            .record_provision(subscription, expires_at)
+            .await?;
+        let payloads: Vec<JobPayload> = plan
+            .to_create
+            .iter()
+            .map(|&server| JobPayload {
+                kind: JobKind::CreateKey,
+                server,
+                subscription: subscription.clone(),
+            })
+            .collect();
+        let enqueued = self.queue.enqueue_all(&payloads).await?;
+        Ok(ProvisionReceipt {
+            subscription: subscription.clone(),
+            jobs: payloads
+                .iter()
+                .zip(enqueued)
+                .map(|(p, e)| EnqueuedJob {
+                    server: p.server,
+                    job: e.id,
+                    new: e.created,
+                })
+                .collect(),
+            already_active: plan.already_active,
+        })
+    }
+
+    /// Pushes every server's `max_in_flight` from Postgres to the queue.
+    pub async fn sync_limits(&self) -> anyhow::Result<()> {
+        sync_limits(&self.store, &self.queue).await
+    }
+}
+
+pub async fn sync_limits(store: &Store, queue: &Queue) -> anyhow::Result<()> {
+    let limits: Vec<(ServerId, u32)> = store
+        .list_servers()
+        .await?
+        .iter()
+        .map(|s| (s.id, s.max_in_flight.max(1) as u32))
+        .collect();
+    queue.set_limits(&limits).await?;
+    Ok(())
+}

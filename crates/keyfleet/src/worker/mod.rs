@@ -1,0 +1,97 @@
+//! The worker process: apalis's worker runtime over keyfleet's queue backend, plus the lease
+//! maintenance, the wake-up listener and the batched write-back.
+
+mod executor;
+
+use std::{future::Future, sync::Arc};
+
+use apalis_core::worker::builder::WorkerBuilder;
+use keyfleet_queue::{LeaseRegistry, QueueBackend, WakeSignal, spawn_maintenance};
+use keyfleet_store::{WriteBack, WriteBackConfig};
+use keyfleet_vpn::ClientConfig;
+use tower::limit::ConcurrencyLimitLayer;
+
+pub use executor::{Executor, execute};
+
+use crate::{producer::sync_limits, servers::ServerClients, settings::Settings};
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs this process runs at once (each holds one per-server slot while it runs).
+    pub concurrency: usize,
+    /// Unique per process: shows in leases and logs, so two replicas never collide.
+    pub worker_id: String,
+}
+
+impl WorkerOptions {
+    pub fn new(concurrency: usize) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+        let worker_id = format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            concurrency,
+            worker_id,
+        }
+    }
+}
+
+/// Runs a worker until `shutdown` resolves, then stops claiming, lets in-flight jobs finish within
+/// the grace period and returns.
+pub async fn run(
+    settings: Settings,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
+    let store = settings.store().await?;
+    let queue = settings.queue()?;
+    sync_limits(&store, &queue).await?;
+    let (writeback, writeback_task) = WriteBack::spawn(store.clone(), WriteBackConfig::default());
+    let leases = LeaseRegistry::default();
+    let maintenance = spawn_maintenance(queue.clone(), leases.clone());
+    let wake = WakeSignal::spawn(&queue);
+    let client_config = ClientConfig {
+        request_timeout: settings.request_timeout,
+        ..ClientConfig::default()
+    };
+    let executor = Arc::new(Executor {
+        queue: queue.clone(),
+        writeback,
+        clients: ServerClients::new(store, client_config),
+        leases: leases.clone(),
+        settings: settings.clone(),
+    });
+    tracing::info!(worker = %options.worker_id, concurrency = options.concurrency, prefix = %settings.redis_prefix, "Worker started.");
+    let worker = WorkerBuilder::new(options.worker_id.as_str())
+        .backend(QueueBackend::new(queue, options.worker_id.as_str(), wake))
+        .layer(ConcurrencyLimitLayer::new(options.concurrency))
+        .data(executor)
+        .build(execute);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = worker.run_until(async move {
+        let _ = stop_rx.await;
+        Ok::<(), std::io::Error>(())
+    });
+    tokio::pin!(running);
+    tokio::select! {
+        result = &mut running => result?,
+        () = shutdown => {
+            tracing::info!(in_flight = leases.len(), "Shutting down: no new claims; finishing in-flight jobs.");
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(settings.shutdown_grace, &mut running).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!(
+                    in_flight = leases.len(),
+                    "Grace period over with jobs still running; their leases will expire and they will run again."
+                ),
+            }
+        }
+    }
+    maintenance.abort();
+    drop(writeback_task);
+    tracing::info!("Worker stopped.");
+    Ok(())
+}
