@@ -1,0 +1,30 @@
+# keyfleet tasks. `just` lists them.
+
+# List the recipes.
+default:
+    @just --list
+
+# Start (or install) local Postgres and Redis.
+services:
+    bash .ci/services.sh
+
+# Format the code.
+fmt:
+    cargo fmt --all
+
+# Lint: formatting check and clippy with warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Run every test (needs Postgres and Redis on localhost).
+test:
+    cargo test --workspace
+
+# Run the demo: 200 subscriptions on an embedded fake fleet of 10 V2Ray + 1 Outline servers.
+demo:
+    cargo run --release -p keyfleet -- demo
+
+# Start Postgres, Redis, migrations and workers with Docker Compose.
+up:
+    docker compose -f deploy/compose.yaml up --build

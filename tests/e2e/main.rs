@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `keyfleet` binary against real Postgres and Redis and the project's
+//! fake VPN fleet. Each test gets its own database and Redis key prefix.
+
+mod cli;
+mod harness;
+mod provision;
