@@ -286,3 +286,38 @@ impl Store {
         })
     }
 }
+
+/// A key row as stored, for inspection by tests and tools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRow {
+    pub state: String,
+    pub server_key_id: Option<String>,
+    pub link: Option<String>,
+    pub fence: i64,
+    pub last_error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Store {
+    pub async fn key_row(&self, sub: &SubscriptionId, server: ServerId) -> Result<Option<KeyRow>> {
+        let row = sqlx::query(
+            "SELECT state, server_key_id, link, fence, last_error, updated_at
+             FROM keys WHERE subscription_id = $1 AND server_id = $2",
+        )
+        .bind(sub.as_str())
+        .bind(server.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(KeyRow {
+                state: row.try_get("state")?,
+                server_key_id: row.try_get("server_key_id")?,
+                link: row.try_get("link")?,
+                fence: row.try_get("fence")?,
+                last_error: row.try_get("last_error")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .transpose()
+    }
+}

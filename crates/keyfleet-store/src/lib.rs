@@ -16,7 +16,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use keys::{KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
+pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
 pub use servers::{NewServer, Server};
 pub use subscriptions::ProvisionPlan;
 pub use writeback::{WriteBack, WriteBackConfig};
