@@ -8,9 +8,16 @@ fn stderr(out: &std::process::Output) -> String {
 }
 
 fn assert_rejected(out: &std::process::Output, mentions: &str) {
-    assert!(!out.status.success(), "expected a failure, got success: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "expected a failure, got success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = stderr(out);
-    assert!(err.contains(mentions), "error should mention {mentions:?}: {err}");
+    assert!(
+        err.contains(mentions),
+        "error should mention {mentions:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "no panics: {err}");
 }
 
@@ -19,51 +26,208 @@ async fn bad_server_definitions_are_rejected_and_nothing_is_stored() {
     let env = TestEnv::new().await;
     let base = ["server", "add", "--name", "s1"];
     let cases: &[(&[&str], &str)] = &[
-        (&["--kind", "wireguard", "--api-url", "http://127.0.0.1:1", "--api-key", "k"], "--kind"),
-        (&["--kind", "v2ray", "--api-url", "not a url", "--api-key", "k"], "--api-url"),
-        (&["--kind", "v2ray", "--api-url", "ftp://127.0.0.1/", "--api-key", "k"], "--api-url"),
-        (&["--kind", "v2ray", "--api-url", "http://127.0.0.1:1"], "--api-key"),
-        (&["--kind", "outline", "--api-url", "https://127.0.0.1:1/x", "--cert-sha256", "XYZ"], "--cert-sha256"),
-        (&["--kind", "outline", "--api-url", "https://127.0.0.1:1/x", "--cert-sha256", &"A".repeat(63)], "64"),
-        (&["--kind", "outline", "--api-url", "http://127.0.0.1:1/x", "--cert-sha256", &"A".repeat(64)], "https"),
-        (&["--kind", "v2ray", "--api-url", "http://127.0.0.1:1", "--api-key", "k", "--max-in-flight", "0"], "--max-in-flight"),
+        (
+            &[
+                "--kind",
+                "wireguard",
+                "--api-url",
+                "http://127.0.0.1:1",
+                "--api-key",
+                "k",
+            ],
+            "--kind",
+        ),
+        (
+            &[
+                "--kind",
+                "v2ray",
+                "--api-url",
+                "not a url",
+                "--api-key",
+                "k",
+            ],
+            "--api-url",
+        ),
+        (
+            &[
+                "--kind",
+                "v2ray",
+                "--api-url",
+                "ftp://127.0.0.1/",
+                "--api-key",
+                "k",
+            ],
+            "--api-url",
+        ),
+        (
+            &["--kind", "v2ray", "--api-url", "http://127.0.0.1:1"],
+            "--api-key",
+        ),
+        (
+            &[
+                "--kind",
+                "outline",
+                "--api-url",
+                "https://127.0.0.1:1/x",
+                "--cert-sha256",
+                "XYZ",
+            ],
+            "--cert-sha256",
+        ),
+        (
+            &[
+                "--kind",
+                "outline",
+                "--api-url",
+                "https://127.0.0.1:1/x",
+                "--cert-sha256",
+                &"A".repeat(63),
+            ],
+            "64",
+        ),
+        (
+            &[
+                "--kind",
+                "outline",
+                "--api-url",
+                "http://127.0.0.1:1/x",
+                "--cert-sha256",
+                &"A".repeat(64),
+            ],
+            "https",
+        ),
+        (
+            &[
+                "--kind",
+                "v2ray",
+                "--api-url",
+                "http://127.0.0.1:1",
+                "--api-key",
+                "k",
+                "--max-in-flight",
+                "0",
+            ],
+            "--max-in-flight",
+        ),
     ];
     for (extra, mentions) in cases {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
         assert_rejected(&env.run(&args), mentions);
     }
-    assert_eq!(env.ok(&["server", "list", "--json"]).trim(), "[]", "nothing half-written");
+    assert_eq!(
+        env.ok(&["server", "list", "--json"]).trim(),
+        "[]",
+        "nothing half-written"
+    );
 
-    env.ok(&["server", "add", "--name", "s1", "--kind", "v2ray", "--api-url", "http://127.0.0.1:1", "--api-key", "k"]);
-    let dup = env.run(&["server", "add", "--name", "s1", "--kind", "v2ray", "--api-url", "http://127.0.0.1:2", "--api-key", "k"]);
+    env.ok(&[
+        "server",
+        "add",
+        "--name",
+        "s1",
+        "--kind",
+        "v2ray",
+        "--api-url",
+        "http://127.0.0.1:1",
+        "--api-key",
+        "k",
+    ]);
+    let dup = env.run(&[
+        "server",
+        "add",
+        "--name",
+        "s1",
+        "--kind",
+        "v2ray",
+        "--api-url",
+        "http://127.0.0.1:2",
+        "--api-key",
+        "k",
+    ]);
     assert_rejected(&dup, "already exists");
-    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["server", "list", "--json"])).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["server", "list", "--json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
-    assert!(!listed.to_string().contains("\"k\""), "server list never prints the API key: {listed}");
+    assert!(
+        !listed.to_string().contains("\"k\""),
+        "server list never prints the API key: {listed}"
+    );
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn bad_subscription_input_is_rejected_and_nothing_is_stored() {
     let env = TestEnv::new().await;
-    assert_rejected(&env.run(&["status", "--subscription", "nope", "--json"]), "unknown subscription");
-    assert_rejected(&env.run(&["provision", "--subscription", "a/b"]), "--subscription");
-    assert_rejected(&env.run(&["provision", "--subscription", "s1", "--expires-at", "tomorrow"]), "--expires-at");
-    assert_rejected(&env.run(&["provision", "--subscription", "s1", "--expires-at", "2001-01-01T00:00:00Z"]), "past");
-    assert!(!env.store.subscription_exists(&"s1".parse().unwrap()).await.unwrap(), "nothing half-written");
-    assert_eq!(env.queue.stats().await.unwrap().ready, 0, "nothing enqueued");
+    assert_rejected(
+        &env.run(&["status", "--subscription", "nope", "--json"]),
+        "unknown subscription",
+    );
+    assert_rejected(
+        &env.run(&["provision", "--subscription", "a/b"]),
+        "--subscription",
+    );
+    assert_rejected(
+        &env.run(&[
+            "provision",
+            "--subscription",
+            "s1",
+            "--expires-at",
+            "tomorrow",
+        ]),
+        "--expires-at",
+    );
+    assert_rejected(
+        &env.run(&[
+            "provision",
+            "--subscription",
+            "s1",
+            "--expires-at",
+            "2001-01-01T00:00:00Z",
+        ]),
+        "past",
+    );
+    assert!(
+        !env.store
+            .subscription_exists(&"s1".parse().unwrap())
+            .await
+            .unwrap(),
+        "nothing half-written"
+    );
+    assert_eq!(
+        env.queue.stats().await.unwrap().ready,
+        0,
+        "nothing enqueued"
+    );
     env.cleanup().await;
 }
 
 #[tokio::test]
 async fn bad_configuration_is_rejected_with_the_variable_named() {
     let env = TestEnv::new().await;
-    let run_with = |var: &str, value: &str| env.keyfleet().env(var, value).args(["server", "list"]).output().unwrap();
-    let out = run_with("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/nowhere");
+    let run_with = |var: &str, value: &str| {
+        env.keyfleet()
+            .env(var, value)
+            .args(["server", "list"])
+            .output()
+            .unwrap()
+    };
+    let out = run_with(
+        "DATABASE_URL",
+        "postgres://nobody:hunter2@127.0.0.1:1/nowhere",
+    );
     assert_rejected(&out, "127.0.0.1:1/nowhere");
-    assert!(!stderr(&out).contains("hunter2"), "the password is never printed");
-    assert_rejected(&run_with("DATABASE_URL", "mysql://127.0.0.1/x"), "DATABASE_URL");
-    assert_rejected(&run_with("DATABASE_URL", "postgres://127.0.0.1:notaport/x"), "DATABASE_URL");
+    assert!(
+        !stderr(&out).contains("hunter2"),
+        "the password is never printed"
+    );
+    assert_rejected(
+        &run_with("DATABASE_URL", "mysql://127.0.0.1/x"),
+        "DATABASE_URL",
+    );
+    assert_rejected(
+        &run_with("DATABASE_URL", "postgres://127.0.0.1:notaport/x"),
+        "DATABASE_URL",
+    );
     assert_rejected(&run_with("REDIS_URL", "http://127.0.0.1"), "REDIS_URL");
     assert_rejected(&run_with("KEYFLEET_LEASE_MS", "soon"), "KEYFLEET_LEASE_MS");
     let bad_prefix = env
@@ -91,8 +255,15 @@ fn every_command_has_help() {
         &["demo"],
     ];
     for args in commands {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfleet")).args(*args).arg("--help").output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyfleet"))
+            .args(*args)
+            .arg("--help")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "keyfleet {args:?} --help failed");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "keyfleet {args:?} --help prints usage");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "keyfleet {args:?} --help prints usage"
+        );
     }
 }

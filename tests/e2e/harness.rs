@@ -11,7 +11,8 @@ use keyfleet_queue::{Queue, QueueConfig};
 use keyfleet_store::Store;
 
 pub fn base_database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn redis_url() -> String {
@@ -29,8 +30,13 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new() -> Self {
         let database = format!("kf_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Store::connect(&base_database_url(), 1).await.expect("Postgres is reachable (DATABASE_URL)");
-        admin.execute_admin(&format!("CREATE DATABASE {database}")).await.unwrap();
+        let admin = Store::connect(&base_database_url(), 1)
+            .await
+            .expect("Postgres is reachable (DATABASE_URL)");
+        admin
+            .execute_admin(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
         let mut url = url::Url::parse(&base_database_url()).unwrap();
         url.set_path(&format!("/{database}"));
         let database_url = url.to_string();
@@ -38,7 +44,13 @@ impl TestEnv {
         store.migrate().await.unwrap();
         let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
         let queue = Queue::connect(&redis_url(), QueueConfig::new(&prefix)).unwrap();
-        Self { database, database_url, prefix, store, queue }
+        Self {
+            database,
+            database_url,
+            prefix,
+            store,
+            queue,
+        }
     }
 
     /// The binary with this environment's DATABASE_URL, REDIS_URL and prefix.
@@ -53,13 +65,20 @@ impl TestEnv {
 
     /// Runs the binary to completion.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.keyfleet().args(args).output().expect("the keyfleet binary runs")
+        self.keyfleet()
+            .args(args)
+            .output()
+            .expect("the keyfleet binary runs")
     }
 
     /// Runs the binary and insists it succeeded; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "keyfleet {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "keyfleet {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -67,7 +86,16 @@ impl TestEnv {
     pub fn add_server(&self, name: &str, fake: &FakeServer, max_in_flight: u32) {
         let limit = max_in_flight.to_string();
         let url = fake.api_url();
-        let mut args = vec!["server", "add", "--name", name, "--kind", fake.kind().as_str(), "--api-url", &url];
+        let mut args = vec![
+            "server",
+            "add",
+            "--name",
+            name,
+            "--kind",
+            fake.kind().as_str(),
+            "--api-url",
+            &url,
+        ];
         let key = fake.api_key();
         let cert = fake.cert_sha256();
         if let Some(key) = &key {
@@ -90,14 +118,22 @@ impl TestEnv {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        WorkerProcess { child: Some(cmd.spawn().expect("worker starts")) }
+        WorkerProcess {
+            child: Some(cmd.spawn().expect("worker starts")),
+        }
     }
 
     pub async fn cleanup(self) {
         self.queue.purge().await.unwrap();
         self.store.pool().close().await;
         let admin = Store::connect(&base_database_url(), 1).await.unwrap();
-        admin.execute_admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database)).await.unwrap();
+        admin
+            .execute_admin(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .await
+            .unwrap();
     }
 }
 
@@ -129,7 +165,10 @@ impl WorkerProcess {
                 }
                 return (status, log);
             }
-            assert!(Instant::now() < deadline, "worker did not exit within {within:?} of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "worker did not exit within {within:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -155,7 +194,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
