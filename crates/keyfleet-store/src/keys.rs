@@ -275,11 +275,12 @@ fn mark_applied(applied: &mut [bool], rows: &[sqlx::postgres::PgRow]) -> Result<
 impl Store {
     /// The stored link of one key, if any.
     pub async fn key_link(&self, sub: &SubscriptionId, server: ServerId) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT link FROM keys WHERE subscription_id = $1 AND server_id = $2")
-            .bind(sub.as_str())
-            .bind(server.0)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT link FROM keys WHERE subscription_id = $1 AND server_id = $2")
+                .bind(sub.as_str())
+                .bind(server.0)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(match row {
             Some(row) => row.try_get("link")?,
             None => None,
