@@ -42,6 +42,8 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("idempotency key {key:?} already names job {job} with a different payload")]
     IdempotencyConflict { key: String, job: JobId },
+    #[error("idempotency key {0:?}… must be 1-200 bytes")]
+    BadIdempotencyKey(String),
     #[error("unexpected reply from a queue script: {0}")]
     Reply(String),
 }
@@ -67,6 +69,10 @@ pub struct QueueConfig {
     pub lease: Duration,
     /// How long an idle worker waits for a wake-up before it looks again anyway.
     pub idle_poll: Duration,
+    /// Consecutive transient failures of a server that open its circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker keeps the server's jobs waiting before a half-open probe.
+    pub breaker_cooldown: Duration,
 }
 
 impl QueueConfig {
@@ -75,6 +81,8 @@ impl QueueConfig {
             prefix: prefix.into(),
             lease: Duration::from_secs(10),
             idle_poll: Duration::from_millis(500),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -115,12 +123,16 @@ pub enum Claim {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
     Done,
+    /// Try again after `delay`. `server_fault`: the server failed transiently (counts towards its
+    /// circuit breaker); false for failures of keyfleet's own dependencies.
     Retry {
         delay: Duration,
         error: String,
+        server_fault: bool,
     },
     Dead {
         error: String,
+        server_fault: bool,
     },
     /// Give the job back unstarted (shutdown): no attempt is spent.
     Release,
@@ -133,6 +145,36 @@ pub enum FinishResult {
     DeadLettered,
     /// The attempt's lease was lost and the job moved on: nothing changed.
     Fenced,
+}
+
+/// server, kind, payload, attempts, error of a job hash.
+type DeadFields = (
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<u32>,
+    Option<String>,
+);
+
+/// A dead-lettered job as `keyfleet dlq list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadJob {
+    pub id: JobId,
+    pub server: ServerId,
+    pub kind: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub error: String,
+    pub dead_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayOutcome {
+    Replayed,
+    /// A live job for the same operation exists; the dead one was dropped.
+    Superseded,
+    NotDead,
 }
 
 /// Counts for progress displays and tests.
@@ -186,12 +228,21 @@ impl Queue {
 
     /// Enqueues a job unless the same operation is already queued or running.
     pub async fn enqueue(&self, payload: &JobPayload) -> Result<Enqueued> {
-        let idem = payload.idempotency_key();
+        self.enqueue_keyed(&payload.idempotency_key(), payload)
+            .await
+    }
+
+    /// Enqueues a job under a caller-chosen idempotency key (e.g. the purchase's order id): while
+    /// a job with that key is live, the same payload returns it and another payload is an error.
+    pub async fn enqueue_keyed(&self, idem: &str, payload: &JobPayload) -> Result<Enqueued> {
+        if idem.is_empty() || idem.len() > 200 {
+            return Err(Error::BadIdempotencyKey(idem.chars().take(40).collect()));
+        }
         let reply: (String, i64) = self
             .scripts
             .enqueue
             .arg(&self.config.prefix)
-            .arg(&idem)
+            .arg(idem)
             .arg(payload.to_json())
             .arg(payload.server.0)
             .arg(payload.kind.as_str())
@@ -207,7 +258,10 @@ impl Queue {
         match reply.1 {
             1 => Ok(Enqueued { id, created: true }),
             0 => Ok(Enqueued { id, created: false }),
-            _ => Err(Error::IdempotencyConflict { key: idem, job: id }),
+            _ => Err(Error::IdempotencyConflict {
+                key: idem.to_owned(),
+                job: id,
+            }),
         }
     }
 
@@ -244,13 +298,20 @@ impl Queue {
 
     /// Ends an attempt. Fenced: if the job's lease was lost to another attempt, nothing changes.
     pub async fn finish(&self, job: &ClaimedJob, finish: &Finish) -> Result<FinishResult> {
-        let (outcome, delay, error) = match finish {
-            Finish::Done => ("done", Duration::ZERO, ""),
-            Finish::Retry { delay, error } => ("retry", *delay, error.as_str()),
-            Finish::Dead { error } => ("dead", Duration::ZERO, error.as_str()),
-            Finish::Release => ("release", Duration::ZERO, ""),
+        let (outcome, delay, error, server_fault) = match finish {
+            Finish::Done => ("done", Duration::ZERO, "", false),
+            Finish::Retry {
+                delay,
+                error,
+                server_fault,
+            } => ("retry", *delay, error.as_str(), *server_fault),
+            Finish::Dead {
+                error,
+                server_fault,
+            } => ("dead", Duration::ZERO, error.as_str(), *server_fault),
+            Finish::Release => ("release", Duration::ZERO, "", false),
         };
-        let reply: i64 = self
+        let (reply, opened): (i64, i64) = self
             .scripts
             .finish
             .arg(&self.config.prefix)
@@ -259,8 +320,18 @@ impl Queue {
             .arg(outcome)
             .arg(delay.as_millis() as u64)
             .arg(error)
+            .arg(u8::from(server_fault))
+            .arg(self.config.breaker_threshold)
+            .arg(self.config.breaker_cooldown.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        if opened == 1 {
+            tracing::warn!(
+                server_id = %job.server,
+                cooldown = ?self.config.breaker_cooldown,
+                "Circuit breaker opened: the server's jobs wait without spending attempts."
+            );
+        }
         match reply {
             0 => Ok(FinishResult::Fenced),
             1 => Ok(FinishResult::Applied),
@@ -318,6 +389,66 @@ impl Queue {
             dead: counts[n + 2].unwrap_or(0),
             done: counts[n + 3].unwrap_or(0),
         })
+    }
+
+    /// The newest `limit` dead-lettered jobs, newest first.
+    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<(u64, i64)> = redis::cmd("ZREVRANGE")
+            .arg(self.key("dead"))
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for (id, _) in &ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("job:{id}")))
+                .arg(&["server", "kind", "payload", "attempts", "error"]);
+        }
+        let fields: Vec<DeadFields> = pipe.query_async(&mut conn).await?;
+        Ok(ids
+            .into_iter()
+            .zip(fields)
+            .filter_map(
+                |((id, dead_at_ms), (server, kind, payload, attempts, error))| {
+                    Some(DeadJob {
+                        id: JobId(id),
+                        server: ServerId(server?),
+                        kind: kind.unwrap_or_default(),
+                        payload: payload.unwrap_or_default(),
+                        attempts: attempts.unwrap_or(0),
+                        error: error.unwrap_or_default(),
+                        dead_at_ms,
+                    })
+                },
+            )
+            .collect())
+    }
+
+    /// Moves dead jobs back to their ready queues with fresh attempts.
+    pub async fn replay(&self, ids: &[JobId]) -> Result<Vec<(JobId, ReplayOutcome)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut invocation = self.scripts.replay.arg(&self.config.prefix);
+            for id in chunk {
+                invocation.arg(id.0);
+            }
+            let codes: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+            for (id, code) in chunk.iter().zip(codes) {
+                let outcome = match code {
+                    1 => ReplayOutcome::Replayed,
+                    2 => ReplayOutcome::Superseded,
+                    _ => ReplayOutcome::NotDead,
+                };
+                out.push((*id, outcome));
+            }
+        }
+        Ok(out)
     }
 
     /// Claimed jobs per server right now (what the limits bound).

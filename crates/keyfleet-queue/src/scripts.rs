@@ -10,6 +10,7 @@ pub(crate) struct Scripts {
     pub heartbeat: Script,
     pub reap: Script,
     pub set_limit: Script,
+    pub replay: Script,
 }
 
 macro_rules! script {
@@ -32,6 +33,7 @@ impl Scripts {
             heartbeat: script!("heartbeat.lua"),
             reap: script!("reap.lua"),
             set_limit: script!("set_limit.lua"),
+            replay: script!("replay.lua"),
         })
     }
 }

@@ -322,3 +322,27 @@ impl Store {
         .transpose()
     }
 }
+
+impl Store {
+    /// Puts failed keys back to `pending` (their jobs were replayed); the last error stays visible.
+    pub async fn mark_failed_keys_pending(
+        &self,
+        keys: &[(SubscriptionId, ServerId)],
+    ) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let subs: Vec<String> = keys.iter().map(|(s, _)| s.as_str().to_owned()).collect();
+        let servers: Vec<i64> = keys.iter().map(|(_, s)| s.0).collect();
+        let done = sqlx::query(
+            "UPDATE keys k SET state = 'pending', updated_at = now()
+             FROM UNNEST($1::text[], $2::bigint[]) AS u(subscription_id, server_id)
+             WHERE k.subscription_id = u.subscription_id AND k.server_id = u.server_id AND k.state = 'failed'",
+        )
+        .bind(&subs)
+        .bind(&servers)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

@@ -2,6 +2,7 @@
 //! write back), settings and the embedded demo. The `keyfleet` binary is a thin CLI over this.
 
 pub mod demo;
+pub mod dlq;
 pub mod producer;
 pub mod servers;
 pub mod settings;

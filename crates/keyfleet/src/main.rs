@@ -4,7 +4,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use keyfleet::{
-    demo,
+    demo, dlq,
     producer::Producer,
     servers::validate_new_server,
     settings::Settings,
@@ -58,8 +58,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect and replay dead-lettered jobs.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Run the whole system on an embedded fake fleet (10 V2Ray + 1 Outline) and print a summary.
     Demo(demo::DemoOptions),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead jobs, newest first, with the reason each died.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Give dead jobs fresh attempts.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "server", "all"])))]
+    Replay {
+        /// A dead job's id (repeatable).
+        #[arg(long)]
+        id: Vec<u64>,
+        /// Every dead job of this server.
+        #[arg(long)]
+        server: Option<String>,
+        /// Every dead job.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -185,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Dlq(command) => dlq_command(settings, command).await?,
         Command::Demo(options) => demo::run(settings, options).await?,
     }
     Ok(())
@@ -249,6 +278,53 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
             println!(
                 "server {} now allows {} requests in flight",
                 server.name, max_in_flight
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn dlq_command(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {
+    let store = settings.store().await?;
+    let queue = settings.queue()?;
+    match command {
+        DlqCommand::List { json, limit } => {
+            let dead = dlq::list(&store, &queue, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+            } else {
+                println!(
+                    "{:<10} {:<16} {:<12} {:>8}  error",
+                    "job", "server", "kind", "attempts"
+                );
+                for d in dead {
+                    let server = d.server_name.unwrap_or_else(|| d.job.server.to_string());
+                    println!(
+                        "{:<10} {:<16} {:<12} {:>8}  {}",
+                        d.job.id, server, d.job.kind, d.job.attempts, d.job.error
+                    );
+                }
+            }
+        }
+        DlqCommand::Replay { id, server, all } => {
+            let selection = if all {
+                dlq::Selection::All
+            } else if let Some(server) = server {
+                dlq::Selection::Server(server)
+            } else {
+                dlq::Selection::Ids(id.into_iter().map(keyfleet_queue::JobId).collect())
+            };
+            let report = dlq::replay(&store, &queue, selection).await?;
+            println!(
+                "replayed {}, superseded by a live job {}, not dead {}",
+                report.replayed.len(),
+                report.superseded.len(),
+                report.not_dead.len()
+            );
+            anyhow::ensure!(
+                report.not_dead.is_empty(),
+                "not in the dead set: {:?}",
+                report.not_dead
             );
         }
     }

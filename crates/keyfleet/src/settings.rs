@@ -20,6 +20,10 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// How long in-flight jobs may run on after SIGTERM (KEYFLEET_SHUTDOWN_GRACE_MS).
     pub shutdown_grace: Duration,
+    /// Consecutive transient failures that open a server's circuit breaker
+    /// (KEYFLEET_BREAKER_THRESHOLD), and its cool-down (KEYFLEET_BREAKER_COOLDOWN_MS).
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -59,6 +63,19 @@ impl Settings {
             }
             Ok(Duration::from_millis(ms))
         };
+        let count = |name: &str, default: u32, min: u32, max: u32| -> anyhow::Result<u32> {
+            let Some(raw) = get(name).filter(|v| !v.is_empty()) else {
+                return Ok(default);
+            };
+            let n: u32 = raw
+                .trim()
+                .parse()
+                .with_context(|| format!("{name}={raw:?} is not a whole number"))?;
+            if !(min..=max).contains(&n) {
+                bail!("{name}={n} is out of range: use {min}..={max}");
+            }
+            Ok(n)
+        };
         let settings = Self {
             database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
             redis_url: text("REDIS_URL", DEFAULT_REDIS_URL),
@@ -68,6 +85,8 @@ impl Settings {
             retry_cap: millis("KEYFLEET_RETRY_CAP_MS", 60_000, 1, 3_600_000)?,
             request_timeout: millis("KEYFLEET_REQUEST_TIMEOUT_MS", 10_000, 10, 600_000)?,
             shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 20_000, 0, 600_000)?,
+            breaker_threshold: count("KEYFLEET_BREAKER_THRESHOLD", 5, 1, 10_000)?,
+            breaker_cooldown: millis("KEYFLEET_BREAKER_COOLDOWN_MS", 5_000, 10, 3_600_000)?,
         };
         if !settings.database_url.starts_with("postgres://")
             && !settings.database_url.starts_with("postgresql://")
@@ -91,6 +110,8 @@ impl Settings {
     pub fn queue_config(&self) -> QueueConfig {
         let mut config = QueueConfig::new(&self.redis_prefix);
         config.lease = self.lease;
+        config.breaker_threshold = self.breaker_threshold;
+        config.breaker_cooldown = self.breaker_cooldown;
         config
     }
 

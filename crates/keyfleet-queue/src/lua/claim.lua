@@ -1,9 +1,10 @@
 -- ARGV: prefix, worker id, lease ms
 -- Takes the next job of the server at the head of the ring (round-robin over servers that have
 -- work and a free slot). Returns {id, payload, attempt, max, fence, server, enqueued_at}, or
--- {'', ms until the next delayed job is due (-1: none)}.
+-- {'', ms until the next delayed job or paused server is due (-1: none)}.
 local now = now_ms()
 promote_due(now, 100)
+half_open_due(now)
 for _ = 1, 16 do
   local s = redis.call('RPOP', P .. ':ring')
   if not s then
@@ -27,8 +28,14 @@ for _ = 1, 16 do
   end
   refresh(s, now)
 end
-local next_due = redis.call('ZRANGE', P .. ':delayed', 0, 0, 'WITHSCORES')
-if next_due[2] then
-  return {'', math.max(0, tonumber(next_due[2]) - now)}
+local wait = -1
+for _, set in ipairs({':delayed', ':paused'}) do
+  local first = redis.call('ZRANGE', P .. set, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local ms = math.max(0, tonumber(first[2]) - now)
+    if wait < 0 or ms < wait then
+      wait = ms
+    end
+  end
 end
-return {'', -1}
+return {'', wait}

@@ -4,7 +4,9 @@
 --   P:ready:<s>    list of ready job ids of server s (LPUSH in, RPOP out: FIFO)
 --   P:ring         list of servers that can be claimed from now; P:inring is its member set
 --   P:limits       hash server -> max in flight;  P:inflight  hash server -> claimed jobs
---   P:paused       zset server -> paused-until (ms)
+--   P:paused       zset server -> paused-until (ms): circuit breaker open
+--   P:probe        hash server -> 1 while half-open (one probe job at a time)
+--   P:failures     hash server -> consecutive transient failures
 --   P:leases       zset id -> lease deadline (ms);  P:delayed  zset id -> due (ms)
 --   P:dead         zset id -> dead-lettered at (ms);  P:idem:<key>  -> live job id
 --   P:fence        the monotonic fence counter;  P:seq  the job id counter
@@ -25,6 +27,9 @@ local function refresh(s, now)
   local eligible = redis.call('LLEN', P .. ':ready:' .. s) > 0
   if eligible then
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
+    if redis.call('HEXISTS', P .. ':probe', s) == 1 then
+      limit = 1
+    end
     local inflight = tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
     local paused_until = tonumber(redis.call('ZSCORE', P .. ':paused', s) or '0')
     eligible = inflight < limit and paused_until <= now
@@ -91,4 +96,30 @@ local function promote_due(now, limit)
     end
   end
   return #due
+end
+
+-- Circuit breakers whose cool-down ended go half-open: one probe job at a time until a success.
+local function half_open_due(now)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
+  for _, s in ipairs(due) do
+    redis.call('ZREM', P .. ':paused', s)
+    redis.call('HSET', P .. ':probe', s, 1)
+    refresh_and_wake(s, now)
+  end
+end
+
+-- Counts a success or a server-caused failure of server s; returns true when the breaker opened.
+local function breaker_record(s, success, threshold, cooldown_ms, now)
+  if success then
+    redis.call('HDEL', P .. ':failures', s)
+    redis.call('HDEL', P .. ':probe', s)
+    return false
+  end
+  local n = redis.call('HINCRBY', P .. ':failures', s, 1)
+  if n >= threshold then
+    redis.call('HDEL', P .. ':probe', s)
+    redis.call('ZADD', P .. ':paused', now + cooldown_ms, s)
+    return true
+  end
+  return false
 end

@@ -1,10 +1,12 @@
--- ARGV: prefix, id, fence, outcome (done|retry|dead|release), delay ms, error
--- Returns 0 when the attempt is fenced out (its lease was lost and the job moved on),
--- 1 when applied, 2 when a retry was refused because the attempts are spent (dead-lettered).
+-- ARGV: prefix, id, fence, outcome (done|retry|dead|release), delay ms, error,
+--       server fault (1: the server failed transiently), breaker threshold, breaker cool-down ms
+-- Returns {result, breaker opened (0|1)}; result 0 when the attempt is fenced out (its lease was
+-- lost and the job moved on), 1 when applied, 2 when a retry was refused because the attempts are
+-- spent (dead-lettered).
 local id = ARGV[2]
 local job = jobkey(id)
 if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'fence') ~= ARGV[3] then
-  return 0
+  return {0, 0}
 end
 local now = now_ms()
 local s = redis.call('HGET', job, 'server')
@@ -12,6 +14,12 @@ redis.call('ZREM', P .. ':leases', id)
 release_slot(s)
 local outcome = ARGV[4]
 local result = 1
+local opened = false
+if outcome == 'done' then
+  breaker_record(s, true, 0, 0, now)
+elseif ARGV[7] == '1' then
+  opened = breaker_record(s, false, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
+end
 if outcome == 'done' then
   forget_idempotency(id)
   redis.call('DEL', job)
@@ -34,4 +42,4 @@ else
   return redis.error_reply('unknown outcome ' .. outcome)
 end
 refresh_and_wake(s, now)
-return result
+return {result, opened and 1 or 0}

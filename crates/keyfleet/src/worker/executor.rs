@@ -1,12 +1,13 @@
 //! Runs one claimed job against its server and turns the result into an outcome: done (after the
 //! result is committed to Postgres), retry after a back-off, or dead-letter with the reason.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use apalis_core::{error::BoxDynError, task::data::Data};
 use keyfleet_core::{Failure, FailureClass, JobKind, JobPayload};
 use keyfleet_queue::{ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff};
 use keyfleet_store::{KeyWrite, WriteBack};
+use tokio::time::Instant;
 
 use crate::{
     servers::{ClientError, ServerClients},
@@ -27,6 +28,13 @@ pub async fn execute(job: ClaimedJob, executor: Data<Arc<Executor>>) -> Result<(
     Ok(())
 }
 
+/// Who failed: the VPN server (counts towards its circuit breaker) or keyfleet's own side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    Server,
+    Ours,
+}
+
 impl Executor {
     #[tracing::instrument(skip_all, fields(job_id = %job.id, server_id = %job.server, attempt = job.attempt))]
     pub async fn run(&self, job: ClaimedJob) {
@@ -34,25 +42,36 @@ impl Executor {
         let finish = self.attempt(&job).await;
         match &finish {
             Finish::Done => tracing::debug!("Job done."),
-            Finish::Retry { delay, error } => {
+            Finish::Retry { delay, error, .. } => {
                 tracing::info!(?delay, %error, "Job will be retried.")
             }
-            Finish::Dead { error } => tracing::warn!(%error, "Job dead-lettered."),
+            Finish::Dead { error, .. } => tracing::warn!(%error, "Job dead-lettered."),
             Finish::Release => {}
         }
-        // A Redis hiccup here must not lose the outcome; if it persists, the lease expires and the
-        // job runs again, which is safe because execution is idempotent.
-        for attempt in 1..=5u32 {
-            match self.queue.finish(&job, &finish).await {
+        self.record(&job, &finish).await;
+    }
+
+    /// Records the outcome in Redis. While Redis is unreachable it keeps trying for one lease time;
+    /// after that the lease has expired anyway and the job will run again (safely: execution is
+    /// idempotent and this attempt's writes are fenced).
+    async fn record(&self, job: &ClaimedJob, finish: &Finish) {
+        let give_up = Instant::now() + self.settings.lease;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.queue.finish(job, finish).await {
                 Ok(FinishResult::Fenced) => {
                     tracing::info!("Attempt was fenced out: a newer attempt owns this job.");
                     return;
                 }
                 Ok(_) => return,
-                Err(error) => {
+                Err(error) if Instant::now() + delay < give_up => {
                     tracing::warn!(%error, "Could not record the job outcome in Redis; retrying.");
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
-                        .await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "Gave up recording the job outcome; the job will run again.");
+                    return;
                 }
             }
         }
@@ -62,16 +81,19 @@ impl Executor {
         let payload = match JobPayload::from_json(&job.payload) {
             Ok(p) if p.server == job.server => p,
             Ok(p) => {
+                let error = format!(
+                    "payload names server {} but the job is queued for {}",
+                    p.server, job.server
+                );
                 return Finish::Dead {
-                    error: format!(
-                        "payload names server {} but the job is queued for {}",
-                        p.server, job.server
-                    ),
+                    error,
+                    server_fault: false,
                 };
             }
             Err(e) => {
                 return Finish::Dead {
                     error: e.to_string(),
+                    server_fault: false,
                 };
             }
         };
@@ -79,11 +101,13 @@ impl Executor {
             Ok(client) => client,
             Err(ClientError::Unavailable(error)) => {
                 return self
-                    .failed(job, &payload, Failure::retryable(error, None))
+                    .failed(job, &payload, Failure::retryable(error, None), Blame::Ours)
                     .await;
             }
             Err(ClientError::Invalid(error)) => {
-                return self.failed(job, &payload, Failure::permanent(error)).await;
+                return self
+                    .failed(job, &payload, Failure::permanent(error), Blame::Ours)
+                    .await;
             }
         };
         match payload.kind {
@@ -101,11 +125,15 @@ impl Executor {
                     };
                     self.write_then_finish(job, &payload, write).await
                 }
-                Err(e) => self.failed(job, &payload, e.to_failure()).await,
+                Err(e) => {
+                    self.failed(job, &payload, e.to_failure(), Blame::Server)
+                        .await
+                }
             },
             JobKind::DeleteKey | JobKind::SyncConfig => {
                 let error = format!("this worker does not execute {} jobs yet", payload.kind);
-                self.failed(job, &payload, Failure::permanent(error)).await
+                self.failed(job, &payload, Failure::permanent(error), Blame::Ours)
+                    .await
             }
         }
     }
@@ -123,19 +151,22 @@ impl Executor {
                 Finish::Done
             }
             Err(e) => {
-                self.failed(
-                    job,
-                    payload,
-                    Failure::retryable(format!("write-back failed: {e}"), None),
-                )
-                .await
+                let failure = Failure::retryable(format!("write-back failed: {e}"), None);
+                self.failed(job, payload, failure, Blame::Ours).await
             }
         }
     }
 
     /// Retry while attempts remain and the error can pass; otherwise record the failure on the key
     /// and dead-letter the job with the reason.
-    async fn failed(&self, job: &ClaimedJob, payload: &JobPayload, failure: Failure) -> Finish {
+    async fn failed(
+        &self,
+        job: &ClaimedJob,
+        payload: &JobPayload,
+        failure: Failure,
+        blame: Blame,
+    ) -> Finish {
+        let server_fault = blame == Blame::Server && failure.is_retryable();
         if let FailureClass::Retryable { retry_after } = failure.class
             && job.attempt < job.max_attempts
         {
@@ -148,6 +179,7 @@ impl Executor {
             return Finish::Retry {
                 delay,
                 error: failure.message,
+                server_fault,
             };
         }
         let error = if failure.is_retryable() {
@@ -169,6 +201,9 @@ impl Executor {
                 tracing::warn!(error = %e, "Could not record the failure on the key row.");
             }
         }
-        Finish::Dead { error }
+        Finish::Dead {
+            error,
+            server_fault,
+        }
     }
 }
