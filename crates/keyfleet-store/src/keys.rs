@@ -36,6 +36,26 @@ pub enum KeyWrite {
         fence: i64,
         error: String,
     },
+    /// The key is gone from the server.
+    Deleted {
+        subscription: SubscriptionId,
+        server: ServerId,
+        fence: i64,
+    },
+    /// The key's current link, fetched while the server's config generation was `generation`.
+    ConfigSynced {
+        subscription: SubscriptionId,
+        server: ServerId,
+        fence: i64,
+        link: String,
+        generation: i64,
+    },
+    /// Reconcile found the key missing on the server (e.g. a node wipe): back to pending.
+    Lost {
+        subscription: SubscriptionId,
+        server: ServerId,
+        fence: i64,
+    },
 }
 
 impl KeyWrite {
@@ -50,16 +70,77 @@ impl KeyWrite {
                 subscription,
                 server,
                 ..
+            }
+            | Self::Deleted {
+                subscription,
+                server,
+                ..
+            }
+            | Self::ConfigSynced {
+                subscription,
+                server,
+                ..
+            }
+            | Self::Lost {
+                subscription,
+                server,
+                ..
             } => (subscription, *server),
         }
     }
 
     pub fn fence(&self) -> i64 {
         match self {
-            Self::Created { fence, .. } | Self::Failed { fence, .. } => *fence,
+            Self::Created { fence, .. }
+            | Self::Failed { fence, .. }
+            | Self::Deleted { fence, .. }
+            | Self::ConfigSynced { fence, .. }
+            | Self::Lost { fence, .. } => *fence,
+        }
+    }
+
+    /// Which statement writes it, and its variable columns (text a, text b, number n).
+    fn columns(&self) -> (usize, &str, &str, i64) {
+        match self {
+            Self::Created {
+                server_key_id,
+                link,
+                ..
+            } => (0, server_key_id, link, 0),
+            Self::Failed { error, .. } => (1, error, "", 0),
+            Self::Deleted { .. } => (2, "", "", 0),
+            Self::ConfigSynced {
+                link, generation, ..
+            } => (3, link, "", *generation),
+            Self::Lost { .. } => (4, "", "", 0),
         }
     }
 }
+
+/// One statement per kind of result, each over `UNNEST` of the batch's column arrays
+/// `u(idx, subscription_id, server_id, fence, a, b, n)`. The fence check is in every statement,
+/// and each also checks the key is in a state the result may apply to (a create never resurrects a
+/// key being deleted).
+const WRITE_STATEMENTS: [&str; 5] = [
+    "SET state = 'active', server_key_id = u.a, link = u.b, config_synced_at = now(),
+         config_generation = s.config_generation, last_error = NULL, fence = u.fence, updated_at = now()
+     FROM UNNEST_BATCH, servers s
+     WHERE KEY_MATCHES AND s.id = u.server_id AND k.state IN ('pending', 'active', 'failed')",
+    "SET state = 'failed', last_error = u.a, fence = u.fence, updated_at = now()
+     FROM UNNEST_BATCH
+     WHERE KEY_MATCHES AND k.state IN ('pending', 'failed')",
+    "SET state = 'deleted', link = NULL, config_synced_at = NULL, deleted_at = now(), last_error = NULL,
+         fence = u.fence, updated_at = now()
+     FROM UNNEST_BATCH
+     WHERE KEY_MATCHES AND k.state IN ('deleting', 'deleted')",
+    "SET link = u.a, config_synced_at = now(), config_generation = u.n, fence = u.fence, updated_at = now()
+     FROM UNNEST_BATCH
+     WHERE KEY_MATCHES AND k.state = 'active'",
+    "SET state = 'pending', server_key_id = NULL, link = NULL, config_synced_at = NULL,
+         last_error = 'missing on the server at reconcile', fence = u.fence, updated_at = now()
+     FROM UNNEST_BATCH
+     WHERE KEY_MATCHES AND k.state = 'active'",
+];
 
 /// Keys per server with their states, for the demo summary.
 #[derive(Debug, Clone, Serialize)]
@@ -112,78 +193,52 @@ impl Store {
     }
 
     /// Writes a batch of results in one transaction, one multi-row statement per kind of result.
-    /// Returns, for each input in order, whether it was applied (false: fenced out by a newer attempt
-    /// or the key row no longer exists).
+    /// Returns, for each input in order, whether it was applied (false: fenced out by a newer attempt,
+    /// the key is in a state the result no longer applies to, or the row is gone).
     pub async fn write_keys(&self, batch: &[KeyWrite]) -> Result<Vec<bool>> {
-        let mut created = Unnested::default();
-        let mut failed = Unnested::default();
+        let mut groups: [Unnested; WRITE_STATEMENTS.len()] = Default::default();
         for (i, write) in batch.iter().enumerate() {
-            match write {
-                KeyWrite::Created {
-                    subscription,
-                    server,
-                    fence,
-                    server_key_id,
-                    link,
-                } => {
-                    created.push(i, subscription, *server, *fence);
-                    created.texts.0.push(server_key_id.clone());
-                    created.texts.1.push(link.clone());
-                }
-                KeyWrite::Failed {
-                    subscription,
-                    server,
-                    fence,
-                    error,
-                } => {
-                    failed.push(i, subscription, *server, *fence);
-                    failed.texts.0.push(error.clone());
-                }
-            }
+            let (sub, server) = write.key();
+            let (statement, a, b, n) = write.columns();
+            let g = &mut groups[statement];
+            g.index.push(i as i32);
+            g.subscriptions.push(sub.as_str().to_owned());
+            g.servers.push(server.0);
+            g.fences.push(write.fence());
+            g.a.push(a.to_owned());
+            g.b.push(b.to_owned());
+            g.n.push(n);
         }
         let mut applied = vec![false; batch.len()];
         let mut tx = self.pool.begin().await?;
-        if !created.index.is_empty() {
-            let rows = sqlx::query(
-                "UPDATE keys k
-                 SET state = 'active', server_key_id = u.server_key_id, link = u.link,
-                     config_synced_at = now(), config_generation = s.config_generation,
-                     last_error = NULL, fence = u.fence, updated_at = now()
-                 FROM UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
-                      AS u(idx, subscription_id, server_id, fence, server_key_id, link),
-                      servers s
-                 WHERE k.subscription_id = u.subscription_id AND k.server_id = u.server_id
-                   AND s.id = u.server_id AND k.fence <= u.fence
-                 RETURNING u.idx",
-            )
-            .bind(&created.index)
-            .bind(&created.subscriptions)
-            .bind(&created.servers)
-            .bind(&created.fences)
-            .bind(&created.texts.0)
-            .bind(&created.texts.1)
-            .fetch_all(&mut *tx)
-            .await?;
-            mark_applied(&mut applied, &rows)?;
-        }
-        if !failed.index.is_empty() {
-            let rows = sqlx::query(
-                "UPDATE keys k
-                 SET state = 'failed', last_error = u.error, fence = u.fence, updated_at = now()
-                 FROM UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
-                      AS u(idx, subscription_id, server_id, fence, error)
-                 WHERE k.subscription_id = u.subscription_id AND k.server_id = u.server_id
-                   AND k.fence <= u.fence AND k.state <> 'active'
-                 RETURNING u.idx",
-            )
-            .bind(&failed.index)
-            .bind(&failed.subscriptions)
-            .bind(&failed.servers)
-            .bind(&failed.fences)
-            .bind(&failed.texts.0)
-            .fetch_all(&mut *tx)
-            .await?;
-            mark_applied(&mut applied, &rows)?;
+        for (statement, g) in WRITE_STATEMENTS.iter().zip(&groups) {
+            if g.index.is_empty() {
+                continue;
+            }
+            let sql = format!("UPDATE keys k {statement} RETURNING u.idx")
+                .replace(
+                    "UNNEST_BATCH",
+                    "UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
+                     AS u(idx, subscription_id, server_id, fence, a, b, n)",
+                )
+                .replace(
+                    "KEY_MATCHES",
+                    "k.subscription_id = u.subscription_id AND k.server_id = u.server_id AND k.fence <= u.fence",
+                );
+            let rows = sqlx::query(&sql)
+                .bind(&g.index)
+                .bind(&g.subscriptions)
+                .bind(&g.servers)
+                .bind(&g.fences)
+                .bind(&g.a)
+                .bind(&g.b)
+                .bind(&g.n)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in rows {
+                let idx: i32 = row.try_get(0)?;
+                applied[idx as usize] = true;
+            }
         }
         tx.commit().await?;
         Ok(applied)
@@ -252,24 +307,9 @@ struct Unnested {
     subscriptions: Vec<String>,
     servers: Vec<i64>,
     fences: Vec<i64>,
-    texts: (Vec<String>, Vec<String>),
-}
-
-impl Unnested {
-    fn push(&mut self, index: usize, sub: &SubscriptionId, server: ServerId, fence: i64) {
-        self.index.push(index as i32);
-        self.subscriptions.push(sub.as_str().to_owned());
-        self.servers.push(server.0);
-        self.fences.push(fence);
-    }
-}
-
-fn mark_applied(applied: &mut [bool], rows: &[sqlx::postgres::PgRow]) -> Result<()> {
-    for row in rows {
-        let idx: i32 = row.try_get(0)?;
-        applied[idx as usize] = true;
-    }
-    Ok(())
+    a: Vec<String>,
+    b: Vec<String>,
+    n: Vec<i64>,
 }
 
 impl Store {

@@ -7,6 +7,7 @@
 mod keys;
 mod servers;
 mod subscriptions;
+mod sweeps;
 mod writeback;
 
 use std::time::Duration;
@@ -19,6 +20,7 @@ use sqlx::{
 pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
 pub use servers::{NewServer, Server};
 pub use subscriptions::ProvisionPlan;
+pub use sweeps::{StoredKey, TrafficKind};
 pub use writeback::{WriteBack, WriteBackConfig};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

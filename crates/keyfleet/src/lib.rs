@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod dlq;
 pub mod producer;
+pub mod reconcile;
 pub mod servers;
 pub mod settings;
 pub mod telemetry;

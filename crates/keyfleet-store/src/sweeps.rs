@@ -1,0 +1,281 @@
+//! What the sweeps read and record: deprovision and expiry (keys to delete), stale configs,
+//! the per-server view reconcile diffs against, traffic totals, and once-per-tick claims.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use keyfleet_core::{ServerId, SubscriptionId};
+use sqlx::Row;
+
+use crate::{Error, Result, Store};
+
+/// A key as reconcile compares it with the server's list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub subscription: SubscriptionId,
+    pub state: String,
+    pub server_key_id: Option<String>,
+}
+
+impl StoredKey {
+    /// Whether keyfleet wants this key to exist on its server.
+    pub fn wanted(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "active" | "failed")
+    }
+}
+
+/// How a server reports traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficKind {
+    /// Cumulative counters that reset to 0 when the server restarts (V2Ray/Xray).
+    Cumulative,
+    /// A rolling-window figure that may go down (Outline's 30 days).
+    RollingWindow,
+}
+
+fn sub_of(row: &sqlx::postgres::PgRow, column: &str) -> Result<SubscriptionId> {
+    let raw: String = row.try_get(column)?;
+    SubscriptionId::parse(&raw).map_err(|e| Error::Rejected(format!("keys.subscription_id: {e}")))
+}
+
+impl Store {
+    /// Marks a subscription cancelled and its keys as to be deleted; returns the servers whose key
+    /// needs a delete job. `NotFound` for an unknown subscription.
+    pub async fn record_deprovision(&self, sub: &SubscriptionId) -> Result<Vec<ServerId>> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query(
+            "UPDATE subscriptions SET status = 'cancelled', updated_at = now() WHERE id = $1",
+        )
+        .bind(sub.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if found.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("unknown subscription {sub:?}")));
+        }
+        let rows = sqlx::query(
+            "UPDATE keys SET state = 'deleting', updated_at = now()
+             WHERE subscription_id = $1 AND state <> 'deleted' RETURNING server_id",
+        )
+        .bind(sub.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut servers: Vec<ServerId> = rows
+            .iter()
+            .map(|r| r.try_get(0).map(ServerId))
+            .collect::<Result<_, _>>()?;
+        servers.sort();
+        Ok(servers)
+    }
+
+    /// Expires subscriptions past their expiry and returns every key waiting to be deleted
+    /// (those just expired and any earlier ones whose delete has not completed), by server.
+    pub async fn expire_due(
+        &self,
+        server: Option<ServerId>,
+    ) -> Result<Vec<(ServerId, SubscriptionId)>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "WITH expired AS (
+                 UPDATE subscriptions SET status = 'expired', updated_at = now()
+                 WHERE status = 'active' AND expires_at <= now() RETURNING id)
+             UPDATE keys SET state = 'deleting', updated_at = now()
+             WHERE subscription_id IN (SELECT id FROM expired) AND state <> 'deleted'",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "SELECT server_id, subscription_id FROM keys
+             WHERE state = 'deleting' AND ($1::bigint IS NULL OR server_id = $1)
+             ORDER BY server_id, subscription_id",
+        )
+        .bind(server.map(|s| s.0))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    ServerId(r.try_get("server_id")?),
+                    sub_of(r, "subscription_id")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Active keys whose link was never stored, is older than `ttl`, or predates their server's
+    /// current config generation.
+    pub async fn stale_configs(
+        &self,
+        ttl: Duration,
+        server: Option<ServerId>,
+    ) -> Result<Vec<(ServerId, SubscriptionId)>> {
+        let rows = sqlx::query(
+            "SELECT k.server_id, k.subscription_id FROM keys k JOIN servers s ON s.id = k.server_id
+             WHERE k.state = 'active' AND s.active AND ($2::bigint IS NULL OR k.server_id = $2)
+               AND (k.config_synced_at IS NULL
+                    OR k.config_synced_at < now() - make_interval(secs => $1)
+                    OR k.config_generation IS NULL OR k.config_generation < s.config_generation)
+             ORDER BY k.server_id, k.subscription_id",
+        )
+        .bind(ttl.as_secs_f64())
+        .bind(server.map(|s| s.0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    ServerId(r.try_get("server_id")?),
+                    sub_of(r, "subscription_id")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Bumps a server's config generation (every link on it changed); returns the new generation.
+    pub async fn bump_config_generation(&self, name: &str) -> Result<i64> {
+        let row = sqlx::query(
+            "UPDATE servers SET config_generation = config_generation + 1 WHERE name = $1 RETURNING config_generation",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(Error::NotFound(format!("no server named {name:?}"))),
+        }
+    }
+
+    pub async fn config_generation(&self, server: ServerId) -> Result<i64> {
+        let row = sqlx::query("SELECT config_generation FROM servers WHERE id = $1")
+            .bind(server.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(Error::NotFound(format!("server {server} does not exist"))),
+        }
+    }
+
+    /// Every key row of a server, for reconcile.
+    pub async fn stored_keys(&self, server: ServerId) -> Result<Vec<StoredKey>> {
+        let rows = sqlx::query(
+            "SELECT subscription_id, state, server_key_id FROM keys WHERE server_id = $1",
+        )
+        .bind(server.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredKey {
+                    subscription: sub_of(r, "subscription_id")?,
+                    state: r.try_get("state")?,
+                    server_key_id: r.try_get("server_key_id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The server key id Postgres knows for a key, if any.
+    pub async fn server_key_id(
+        &self,
+        sub: &SubscriptionId,
+        server: ServerId,
+    ) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT server_key_id FROM keys WHERE subscription_id = $1 AND server_id = $2",
+        )
+        .bind(sub.as_str())
+        .bind(server.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => None,
+        })
+    }
+
+    /// Records one server's traffic readings in one statement; returns the keys updated.
+    /// Cumulative counters: a reading below the last one means the counter reset, and the reading
+    /// itself is the traffic since; totals never go down.
+    pub async fn record_traffic(
+        &self,
+        server: ServerId,
+        kind: TrafficKind,
+        readings: &[(String, i64)],
+    ) -> Result<u64> {
+        let ids: Vec<&str> = readings.iter().map(|(id, _)| id.as_str()).collect();
+        let bytes: Vec<i64> = readings.iter().map(|(_, b)| (*b).max(0)).collect();
+        let sql = match kind {
+            TrafficKind::Cumulative => {
+                "UPDATE keys k SET
+                     traffic_bytes = k.traffic_bytes + CASE
+                         WHEN k.traffic_last_raw IS NULL OR u.raw < k.traffic_last_raw THEN u.raw
+                         ELSE u.raw - k.traffic_last_raw END,
+                     traffic_last_raw = u.raw, traffic_updated_at = now()
+                 FROM UNNEST($2::text[], $3::bigint[]) AS u(id, raw)
+                 WHERE k.server_id = $1 AND k.server_key_id = u.id"
+            }
+            TrafficKind::RollingWindow => {
+                "UPDATE keys k SET traffic_window_bytes = u.raw, traffic_updated_at = now()
+                 FROM UNNEST($2::text[], $3::bigint[]) AS u(id, raw)
+                 WHERE k.server_id = $1 AND k.server_key_id = u.id"
+            }
+        };
+        let done = sqlx::query(sql)
+            .bind(server.0)
+            .bind(&ids)
+            .bind(&bytes)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Claims a scheduled tick of a sweep for `by`; true for exactly one caller per (sweep, tick).
+    pub async fn claim_tick(&self, sweep: &str, tick_at: DateTime<Utc>, by: &str) -> Result<bool> {
+        let row = sqlx::query(
+            "INSERT INTO sweep_ticks (sweep, tick_at, fired_by) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING RETURNING 1",
+        )
+        .bind(sweep)
+        .bind(tick_at)
+        .bind(by)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// The latest tick of a sweep that fired, if any.
+    pub async fn last_tick(&self, sweep: &str) -> Result<Option<DateTime<Utc>>> {
+        let row = sqlx::query("SELECT max(tick_at) FROM sweep_ticks WHERE sweep = $1")
+            .bind(sweep)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// How many ticks of a sweep fired (tests and `keyfleet scheduler` status).
+    pub async fn tick_count(&self, sweep: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT count(*) FROM sweep_ticks WHERE sweep = $1")
+            .bind(sweep)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Traffic of one key: (cumulative bytes, rolling-window bytes).
+    pub async fn key_traffic(
+        &self,
+        sub: &SubscriptionId,
+        server: ServerId,
+    ) -> Result<Option<(i64, Option<i64>)>> {
+        let row = sqlx::query(
+            "SELECT traffic_bytes, traffic_window_bytes FROM keys WHERE subscription_id = $1 AND server_id = $2",
+        )
+        .bind(sub.as_str())
+        .bind(server.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+}
