@@ -10,6 +10,9 @@ ALTER TABLE keys
     ADD COLUMN traffic_window_bytes BIGINT,
     ADD COLUMN traffic_updated_at TIMESTAMPTZ;
 
+-- Fence of the newest traffic collection applied: a stalled collector cannot apply an old reading.
+ALTER TABLE servers ADD COLUMN traffic_fence BIGINT NOT NULL DEFAULT 0;
+
 CREATE INDEX keys_active_config ON keys (server_id, config_synced_at) WHERE state = 'active';
 CREATE INDEX subscriptions_expiry ON subscriptions (expires_at) WHERE status = 'active';
 

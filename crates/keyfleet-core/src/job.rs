@@ -4,26 +4,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::{InvalidValue, ServerId, SubscriptionId};
 
-/// What a job does to one key on one server.
+/// The kinds of job, each with its own attempt budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
-    /// Make sure the subscription's key exists on the server and store its link.
     CreateKey,
-    /// Make sure the key is gone from the server.
     DeleteKey,
-    /// Fetch the key's current link (config) and store it.
     SyncConfig,
+    Reconcile,
+    CollectTraffic,
 }
 
 impl JobKind {
-    pub const ALL: [Self; 3] = [Self::CreateKey, Self::DeleteKey, Self::SyncConfig];
+    pub const ALL: [Self; 5] = [
+        Self::CreateKey,
+        Self::DeleteKey,
+        Self::SyncConfig,
+        Self::Reconcile,
+        Self::CollectTraffic,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::CreateKey => "create_key",
             Self::DeleteKey => "delete_key",
             Self::SyncConfig => "sync_config",
+            Self::Reconcile => "reconcile",
+            Self::CollectTraffic => "collect_traffic",
         }
     }
 
@@ -31,7 +38,9 @@ impl JobKind {
     pub const fn max_attempts(self) -> u32 {
         match self {
             Self::CreateKey | Self::DeleteKey => 8,
-            Self::SyncConfig => 5,
+            Self::SyncConfig | Self::Reconcile => 5,
+            // The next sweep collects again; an old reading is not worth many retries.
+            Self::CollectTraffic => 3,
         }
     }
 }
@@ -52,19 +61,105 @@ impl FromStr for JobKind {
     }
 }
 
-/// The payload of a per-server job, as it travels through Redis.
+/// A per-server job as it travels through Redis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobPayload {
-    pub kind: JobKind,
-    pub server: ServerId,
-    pub subscription: SubscriptionId,
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum JobPayload {
+    /// Make sure the subscription's key exists on the server and store its link. `existing`: the
+    /// server already has our key under this id (found by reconcile): adopt it instead of creating.
+    /// `verify`: look for our key in the server's list before creating, even on a first attempt
+    /// (set by reconcile, whose view may be older than a create that just finished).
+    CreateKey {
+        server: ServerId,
+        subscription: SubscriptionId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        existing: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        verify: bool,
+    },
+    /// Make sure the key is gone from the server. `server_key_id`: which key, when known (reconcile
+    /// deleting an orphan or a duplicate); otherwise Postgres or the server's list tells.
+    DeleteKey {
+        server: ServerId,
+        subscription: SubscriptionId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_key_id: Option<String>,
+    },
+    /// Fetch the key's current link (config) and store it.
+    SyncConfig {
+        server: ServerId,
+        subscription: SubscriptionId,
+    },
+    /// List the server's keys once and turn the differences with Postgres into jobs.
+    Reconcile { server: ServerId },
+    /// Read the server's traffic counters once and update every key's totals.
+    CollectTraffic { server: ServerId },
 }
 
 impl JobPayload {
+    pub fn create(server: ServerId, subscription: SubscriptionId) -> Self {
+        Self::CreateKey {
+            server,
+            subscription,
+            existing: None,
+            verify: false,
+        }
+    }
+
+    pub fn delete(server: ServerId, subscription: SubscriptionId) -> Self {
+        Self::DeleteKey {
+            server,
+            subscription,
+            server_key_id: None,
+        }
+    }
+
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Self::CreateKey { .. } => JobKind::CreateKey,
+            Self::DeleteKey { .. } => JobKind::DeleteKey,
+            Self::SyncConfig { .. } => JobKind::SyncConfig,
+            Self::Reconcile { .. } => JobKind::Reconcile,
+            Self::CollectTraffic { .. } => JobKind::CollectTraffic,
+        }
+    }
+
+    pub fn server(&self) -> ServerId {
+        match self {
+            Self::CreateKey { server, .. }
+            | Self::DeleteKey { server, .. }
+            | Self::SyncConfig { server, .. }
+            | Self::Reconcile { server }
+            | Self::CollectTraffic { server } => *server,
+        }
+    }
+
+    pub fn subscription(&self) -> Option<&SubscriptionId> {
+        match self {
+            Self::CreateKey { subscription, .. }
+            | Self::DeleteKey { subscription, .. }
+            | Self::SyncConfig { subscription, .. } => Some(subscription),
+            Self::Reconcile { .. } | Self::CollectTraffic { .. } => None,
+        }
+    }
+
     /// The idempotency key of the logical operation: the same operation enqueued twice while the
-    /// first is still pending is one job.
+    /// first is still pending is one job. A delete of a specific server key is its own operation
+    /// (reconcile removing duplicates of one subscription).
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}:{}", self.kind, self.server, self.subscription)
+        let kind = self.kind();
+        let server = self.server();
+        match self {
+            Self::DeleteKey {
+                subscription,
+                server_key_id: Some(id),
+                ..
+            } => format!("{kind}:{server}:{subscription}:{id}"),
+            _ => match self.subscription() {
+                Some(sub) => format!("{kind}:{server}:{sub}"),
+                None => format!("{kind}:{server}"),
+            },
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -83,19 +178,30 @@ mod tests {
 
     #[test]
     fn payload_round_trips_and_rejects_garbage() {
-        let p = JobPayload {
-            kind: JobKind::CreateKey,
-            server: ServerId(3),
-            subscription: SubscriptionId::parse("s1").unwrap(),
-        };
+        let p = JobPayload::create(ServerId(3), SubscriptionId::parse("s1").unwrap());
+        assert_eq!(
+            p.to_json(),
+            r#"{"kind":"create_key","server":3,"subscription":"s1"}"#
+        );
         assert_eq!(JobPayload::from_json(&p.to_json()).unwrap(), p);
         assert_eq!(p.idempotency_key(), "create_key:3:s1");
+        assert_eq!(
+            JobPayload::Reconcile {
+                server: ServerId(3)
+            }
+            .idempotency_key(),
+            "reconcile:3"
+        );
         let err = JobPayload::from_json(r#"{"kind":"explode","server":1,"subscription":"x"}"#)
             .unwrap_err();
         assert!(err.to_string().contains("job payload"), "{err}");
         assert!(
             JobPayload::from_json(r#"{"kind":"create_key","server":1,"subscription":"a/b"}"#)
                 .is_err()
+        );
+        assert!(
+            JobPayload::from_json(r#"{"kind":"reconcile"}"#).is_err(),
+            "missing server"
         );
     }
 }

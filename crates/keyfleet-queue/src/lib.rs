@@ -244,9 +244,9 @@ impl Queue {
             .arg(&self.config.prefix)
             .arg(idem)
             .arg(payload.to_json())
-            .arg(payload.server.0)
-            .arg(payload.kind.as_str())
-            .arg(payload.kind.max_attempts())
+            .arg(payload.server().0)
+            .arg(payload.kind().as_str())
+            .arg(payload.kind().max_attempts())
             .invoke_async(&mut self.conn.clone())
             .await?;
         let id = JobId(
@@ -263,6 +263,18 @@ impl Queue {
                 job: id,
             }),
         }
+    }
+
+    /// Cancels the not-yet-started jobs of these operations; returns how many were cancelled.
+    pub async fn cancel(&self, operations: &[JobPayload]) -> Result<u64> {
+        if operations.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.scripts.cancel.arg(&self.config.prefix);
+        for op in operations {
+            invocation.arg(op.idempotency_key());
+        }
+        Ok(invocation.invoke_async(&mut self.conn.clone()).await?)
     }
 
     /// Enqueues many jobs concurrently over the one multiplexed connection (pipelined).

@@ -11,6 +11,7 @@ pub(crate) struct Scripts {
     pub reap: Script,
     pub set_limit: Script,
     pub replay: Script,
+    pub cancel: Script,
 }
 
 macro_rules! script {
@@ -34,6 +35,7 @@ impl Scripts {
             reap: script!("reap.lua"),
             set_limit: script!("set_limit.lua"),
             replay: script!("replay.lua"),
+            cancel: script!("cancel.lua"),
         })
     }
 }

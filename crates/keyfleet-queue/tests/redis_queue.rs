@@ -16,11 +16,7 @@ fn queue(lease: Duration) -> Queue {
 }
 
 fn create(server: i64, sub: &str) -> JobPayload {
-    JobPayload {
-        kind: JobKind::CreateKey,
-        server: ServerId(server),
-        subscription: SubscriptionId::parse(sub).unwrap(),
-    }
+    JobPayload::create(ServerId(server), SubscriptionId::parse(sub).unwrap())
 }
 
 async fn claim(q: &Queue) -> Option<ClaimedJob> {

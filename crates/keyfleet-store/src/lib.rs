@@ -145,3 +145,16 @@ impl Store {
         Ok(())
     }
 }
+
+/// A transaction that holds transaction-scoped locks (released at commit, rollback or disconnect).
+pub type Transaction = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// Takes a named transaction-scoped advisory lock if free; false if someone else holds it.
+pub async fn try_advisory_xact_lock(tx: &mut Transaction, name: &str) -> Result<bool> {
+    use sqlx::Row;
+    let row = sqlx::query("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+        .bind(name)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.try_get(0)?)
+}

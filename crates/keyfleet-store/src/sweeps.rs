@@ -195,15 +195,17 @@ impl Store {
         })
     }
 
-    /// Records one server's traffic readings in one statement; returns the keys updated.
-    /// Cumulative counters: a reading below the last one means the counter reset, and the reading
-    /// itself is the traffic since; totals never go down.
+    /// Records one server's traffic readings in one statement; returns the keys updated, or `None`
+    /// when a collection with a newer fence was already applied. Cumulative counters: a reading
+    /// below the last one means the counter reset, and the reading itself is the traffic since;
+    /// totals never go down.
     pub async fn record_traffic(
         &self,
         server: ServerId,
         kind: TrafficKind,
+        fence: i64,
         readings: &[(String, i64)],
-    ) -> Result<u64> {
+    ) -> Result<Option<u64>> {
         let ids: Vec<&str> = readings.iter().map(|(id, _)| id.as_str()).collect();
         let bytes: Vec<i64> = readings.iter().map(|(_, b)| (*b).max(0)).collect();
         let sql = match kind {
@@ -222,13 +224,25 @@ impl Store {
                  WHERE k.server_id = $1 AND k.server_key_id = u.id"
             }
         };
+        let mut tx = self.pool.begin().await?;
+        let newest = sqlx::query(
+            "UPDATE servers SET traffic_fence = $2 WHERE id = $1 AND traffic_fence < $2 RETURNING 1",
+        )
+        .bind(server.0)
+        .bind(fence)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if newest.is_none() {
+            return Ok(None);
+        }
         let done = sqlx::query(sql)
             .bind(server.0)
             .bind(&ids)
             .bind(&bytes)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected())
+        tx.commit().await?;
+        Ok(Some(done.rows_affected()))
     }
 
     /// Claims a scheduled tick of a sweep for `by`; true for exactly one caller per (sweep, tick).

@@ -1,6 +1,6 @@
 //! The dead-letter set as operators see it: list with reasons, replay by id, server or all.
 
-use keyfleet_core::{JobKind, JobPayload};
+use keyfleet_core::JobPayload;
 use keyfleet_queue::{DeadJob, JobId, Queue, ReplayOutcome};
 use keyfleet_store::Store;
 use serde::Serialize;
@@ -77,9 +77,13 @@ pub async fn replay(
                 report.replayed.push(id);
                 if let Some(job) = before.iter().find(|j| j.id == id)
                     && let Ok(payload) = JobPayload::from_json(&job.payload)
-                    && payload.kind == JobKind::CreateKey
+                    && let JobPayload::CreateKey {
+                        server,
+                        subscription,
+                        ..
+                    } = payload
                 {
-                    pending_again.push((payload.subscription, payload.server));
+                    pending_again.push((subscription, server));
                 }
             }
             ReplayOutcome::Superseded => report.superseded.push(id),

@@ -6,9 +6,11 @@ use clap::{Parser, Subcommand};
 use keyfleet::{
     demo, dlq,
     producer::Producer,
+    schedule::Schedule,
+    scheduler::Scheduler,
     servers::validate_new_server,
     settings::Settings,
-    telemetry,
+    sweeps, telemetry,
     worker::{self, WorkerOptions},
 };
 use keyfleet_core::SubscriptionId;
@@ -43,6 +45,35 @@ enum Command {
         /// Print the receipt as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Cancel a subscription: delete its key on every server.
+    Deprovision {
+        #[arg(long)]
+        subscription: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one sweep now (what the scheduler does on its schedule) and print what it enqueued.
+    Sweep {
+        #[arg(value_enum)]
+        sweep: sweeps::Sweep,
+        /// Only this server.
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fire the sweeps on their cron schedules (6 fields, with seconds; "off" disables one).
+    /// Any number of replicas fire each tick once.
+    Scheduler {
+        #[arg(long, default_value = "0 */10 * * * *")]
+        reconcile: String,
+        #[arg(long, default_value = "0 * * * * *")]
+        expire: String,
+        #[arg(long, default_value = "0 0 * * * *")]
+        configs: String,
+        #[arg(long, default_value = "0 */5 * * * *")]
+        traffic: String,
     },
     /// Run a worker: claim jobs, execute them against the servers, write results back.
     Worker {
@@ -119,6 +150,9 @@ enum ServerCommand {
     },
     /// Change a server's fleet-wide in-flight limit at run time.
     SetLimit { name: String, max_in_flight: u32 },
+    /// Mark every link on a server as changed (e.g. after a Reality key rotation): the next config
+    /// sweep re-fetches exactly that server's links.
+    BumpConfig { name: String },
 }
 
 fn main() -> ExitCode {
@@ -182,6 +216,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     receipt.already_active.len()
                 );
             }
+        }
+        Command::Deprovision { subscription, json } => {
+            let sub = SubscriptionId::parse(&subscription)
+                .map_err(|e| anyhow::anyhow!("--subscription: {e}"))?;
+            let producer = Producer::new(settings.store().await?, settings.queue()?);
+            let receipt = producer.deprovision(&sub).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&receipt)?);
+            } else {
+                println!(
+                    "subscription {}: {} delete jobs enqueued, {} pending jobs cancelled",
+                    receipt.subscription,
+                    receipt.jobs.len(),
+                    receipt.cancelled
+                );
+            }
+        }
+        Command::Sweep {
+            sweep,
+            server,
+            json,
+        } => {
+            let store = settings.store().await?;
+            let queue = settings.queue()?;
+            let report = sweeps::run(
+                &store,
+                &queue,
+                sweep,
+                server.as_deref(),
+                settings.config_ttl,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "sweep {}: {} jobs ({} new, {} already queued), {} pending jobs cancelled",
+                    sweep.name(),
+                    report.jobs.values().sum::<usize>(),
+                    report.enqueued,
+                    report.jobs.values().sum::<usize>() - report.enqueued,
+                    report.cancelled
+                );
+                for (server, n) in &report.jobs {
+                    println!("  {server:<20} {n}");
+                }
+            }
+        }
+        Command::Scheduler {
+            reconcile,
+            expire,
+            configs,
+            traffic,
+        } => {
+            let mut schedules = Vec::new();
+            for (sweep, expr) in [
+                (sweeps::Sweep::Reconcile, reconcile),
+                (sweeps::Sweep::Expire, expire),
+                (sweeps::Sweep::Configs, configs),
+                (sweeps::Sweep::Traffic, traffic),
+            ] {
+                if expr != "off" {
+                    schedules.push((
+                        sweep,
+                        Schedule::parse(&format!("--{}", sweep.name()), &expr)?,
+                    ));
+                }
+            }
+            let scheduler = Scheduler {
+                store: settings.store().await?,
+                queue: settings.queue()?,
+                id: WorkerOptions::new(1).worker_id,
+                settings,
+                schedules,
+            };
+            scheduler.run(shutdown_signal()).await?;
         }
         Command::Worker { concurrency } => {
             worker::run(settings, WorkerOptions::new(concurrency), shutdown_signal()).await?;
@@ -261,6 +371,12 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
                     );
                 }
             }
+        }
+        ServerCommand::BumpConfig { name } => {
+            let generation = store.bump_config_generation(&name).await?;
+            println!(
+                "server {name} is at config generation {generation}: its links will be re-fetched"
+            );
         }
         ServerCommand::SetLimit {
             name,

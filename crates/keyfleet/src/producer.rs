@@ -2,7 +2,7 @@
 //! (so a reconcile can always re-derive the work), then enqueues one job per server.
 
 use chrono::{DateTime, Utc};
-use keyfleet_core::{JobKind, JobPayload, ServerId, SubscriptionId};
+use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{JobId, Queue};
 use keyfleet_store::Store;
 use serde::Serialize;
@@ -20,6 +20,16 @@ pub struct ProvisionReceipt {
     pub jobs: Vec<EnqueuedJob>,
     /// Servers where the key already exists (a renewal): nothing to do there.
     pub already_active: Vec<ServerId>,
+}
+
+/// What `deprovision` accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeprovisionReceipt {
+    pub subscription: SubscriptionId,
+    /// One delete job per server that had a key.
+    pub jobs: Vec<EnqueuedJob>,
+    /// Not-yet-started create/config jobs of those keys, cancelled.
+    pub cancelled: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,11 +63,7 @@ impl Producer {
         let payloads: Vec<JobPayload> = plan
             .to_create
             .iter()
-            .map(|&server| JobPayload {
-                kind: JobKind::CreateKey,
-                server,
-                subscription: subscription.clone(),
-            })
+            .map(|&server| JobPayload::create(server, subscription.clone()))
             .collect();
         let enqueued = self.queue.enqueue_all(&payloads).await?;
         Ok(ProvisionReceipt {
@@ -66,12 +72,52 @@ impl Producer {
                 .iter()
                 .zip(enqueued)
                 .map(|(p, e)| EnqueuedJob {
-                    server: p.server,
+                    server: p.server(),
                     job: e.id,
                     new: e.created,
                 })
                 .collect(),
             already_active: plan.already_active,
+        })
+    }
+
+    /// Cancels a subscription: its keys are marked for deletion, their not-yet-started create and
+    /// config jobs are cancelled, and one delete job per server is enqueued.
+    pub async fn deprovision(
+        &self,
+        subscription: &SubscriptionId,
+    ) -> anyhow::Result<DeprovisionReceipt> {
+        let servers = self.store.record_deprovision(subscription).await?;
+        let superseded: Vec<JobPayload> = servers
+            .iter()
+            .flat_map(|&server| {
+                [
+                    JobPayload::create(server, subscription.clone()),
+                    JobPayload::SyncConfig {
+                        server,
+                        subscription: subscription.clone(),
+                    },
+                ]
+            })
+            .collect();
+        let cancelled = self.queue.cancel(&superseded).await?;
+        let payloads: Vec<JobPayload> = servers
+            .iter()
+            .map(|&s| JobPayload::delete(s, subscription.clone()))
+            .collect();
+        let enqueued = self.queue.enqueue_all(&payloads).await?;
+        Ok(DeprovisionReceipt {
+            subscription: subscription.clone(),
+            jobs: payloads
+                .iter()
+                .zip(enqueued)
+                .map(|(p, e)| EnqueuedJob {
+                    server: p.server(),
+                    job: e.id,
+                    new: e.created,
+                })
+                .collect(),
+            cancelled,
         })
     }
 

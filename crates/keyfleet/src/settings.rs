@@ -24,6 +24,8 @@ pub struct Settings {
     /// (KEYFLEET_BREAKER_THRESHOLD), and its cool-down (KEYFLEET_BREAKER_COOLDOWN_MS).
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
+    /// How old a stored link may get before the config sweep re-fetches it (KEYFLEET_CONFIG_TTL_SECS).
+    pub config_ttl: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -87,6 +89,12 @@ impl Settings {
             shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 20_000, 0, 600_000)?,
             breaker_threshold: count("KEYFLEET_BREAKER_THRESHOLD", 5, 1, 10_000)?,
             breaker_cooldown: millis("KEYFLEET_BREAKER_COOLDOWN_MS", 5_000, 10, 3_600_000)?,
+            config_ttl: Duration::from_secs(u64::from(count(
+                "KEYFLEET_CONFIG_TTL_SECS",
+                86_400,
+                1,
+                31_536_000,
+            )?)),
         };
         if !settings.database_url.starts_with("postgres://")
             && !settings.database_url.starts_with("postgresql://")

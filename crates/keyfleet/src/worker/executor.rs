@@ -4,17 +4,20 @@
 use std::{sync::Arc, time::Duration};
 
 use apalis_core::{error::BoxDynError, task::data::Data};
-use keyfleet_core::{Failure, FailureClass, JobKind, JobPayload};
+use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, ServerKind, SubscriptionId};
 use keyfleet_queue::{ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff};
-use keyfleet_store::{KeyWrite, WriteBack};
+use keyfleet_store::{KeyWrite, Store, TrafficKind, WriteBack};
+use keyfleet_vpn::VpnClient;
 use tokio::time::Instant;
 
 use crate::{
+    reconcile,
     servers::{ClientError, ServerClients},
     settings::Settings,
 };
 
 pub struct Executor {
+    pub store: Store,
     pub queue: Queue,
     pub writeback: WriteBack,
     pub clients: ServerClients,
@@ -26,13 +29,6 @@ pub struct Executor {
 pub async fn execute(job: ClaimedJob, executor: Data<Arc<Executor>>) -> Result<(), BoxDynError> {
     executor.run(job).await;
     Ok(())
-}
-
-/// Who failed: the VPN server (counts towards its circuit breaker) or keyfleet's own side.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Blame {
-    Server,
-    Ours,
 }
 
 impl Executor {
@@ -79,11 +75,12 @@ impl Executor {
 
     async fn attempt(&self, job: &ClaimedJob) -> Finish {
         let payload = match JobPayload::from_json(&job.payload) {
-            Ok(p) if p.server == job.server => p,
+            Ok(p) if p.server() == job.server => p,
             Ok(p) => {
                 let error = format!(
                     "payload names server {} but the job is queued for {}",
-                    p.server, job.server
+                    p.server(),
+                    job.server
                 );
                 return Finish::Dead {
                     error,
@@ -97,45 +94,250 @@ impl Executor {
                 };
             }
         };
-        let client = match self.clients.get(payload.server).await {
+        let client = match self.clients.get(payload.server()).await {
             Ok(client) => client,
             Err(ClientError::Unavailable(error)) => {
                 return self
-                    .failed(job, &payload, Failure::retryable(error, None), Blame::Ours)
+                    .failed(
+                        job,
+                        &payload,
+                        JobError::ours(Failure::retryable(error, None)),
+                    )
                     .await;
             }
             Err(ClientError::Invalid(error)) => {
                 return self
-                    .failed(job, &payload, Failure::permanent(error), Blame::Ours)
+                    .failed(job, &payload, JobError::ours(Failure::permanent(error)))
                     .await;
             }
         };
-        match payload.kind {
-            JobKind::CreateKey => match client
-                .ensure_key(&payload.subscription, job.attempt > 1)
+        let result = match &payload {
+            JobPayload::CreateKey {
+                server,
+                subscription,
+                existing,
+                verify,
+            } => {
+                self.create(
+                    job,
+                    &client,
+                    *server,
+                    subscription,
+                    existing.as_deref(),
+                    *verify,
+                )
                 .await
-            {
-                Ok(key) => {
-                    let write = KeyWrite::Created {
-                        subscription: payload.subscription.clone(),
-                        server: payload.server,
-                        fence: job.fence,
-                        server_key_id: key.server_key_id,
-                        link: key.link,
-                    };
-                    self.write_then_finish(job, &payload, write).await
-                }
-                Err(e) => {
-                    self.failed(job, &payload, e.to_failure(), Blame::Server)
-                        .await
-                }
-            },
-            JobKind::DeleteKey | JobKind::SyncConfig => {
-                let error = format!("this worker does not execute {} jobs yet", payload.kind);
-                self.failed(job, &payload, Failure::permanent(error), Blame::Ours)
-                    .await
             }
+            JobPayload::DeleteKey {
+                server,
+                subscription,
+                server_key_id,
+            } => {
+                self.delete(
+                    job,
+                    &client,
+                    *server,
+                    subscription,
+                    server_key_id.as_deref(),
+                )
+                .await
+            }
+            JobPayload::SyncConfig {
+                server,
+                subscription,
+            } => self.sync_config(job, &client, *server, subscription).await,
+            JobPayload::Reconcile { server } => self.reconcile(job, &client, *server).await,
+            JobPayload::CollectTraffic { server } => {
+                self.collect_traffic(job, &client, *server).await
+            }
+        };
+        match result {
+            Ok(Some(write)) => self.write_then_finish(job, &payload, write).await,
+            Ok(None) => Finish::Done,
+            Err(e) => self.failed(job, &payload, e).await,
         }
+    }
+
+    async fn create(
+        &self,
+        job: &ClaimedJob,
+        client: &VpnClient,
+        server: ServerId,
+        subscription: &SubscriptionId,
+        existing: Option<&str>,
+        verify: bool,
+    ) -> Result<Option<KeyWrite>, JobError> {
+        let adopted = match existing {
+            Some(id) => match client.fetch_link(id).await {
+                Ok(link) => Some((id.to_owned(), link)),
+                Err(keyfleet_vpn::Error::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        let (server_key_id, link) = match adopted {
+            Some(found) => found,
+            None => {
+                let key = client
+                    .ensure_key(
+                        subscription,
+                        verify || existing.is_some() || job.attempt > 1,
+                    )
+                    .await?;
+                (key.server_key_id, key.link)
+            }
+        };
+        Ok(Some(KeyWrite::Created {
+            subscription: subscription.clone(),
+            server,
+            fence: job.fence,
+            server_key_id,
+            link,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        job: &ClaimedJob,
+        client: &VpnClient,
+        server: ServerId,
+        subscription: &SubscriptionId,
+        server_key_id: Option<&str>,
+    ) -> Result<Option<KeyWrite>, JobError> {
+        let ids = match server_key_id {
+            Some(id) => vec![id.to_owned()],
+            None => match self.store.server_key_id(subscription, server).await? {
+                Some(id) => vec![id],
+                // Postgres never learnt the id (e.g. the create's response was lost): ask the server.
+                None => client
+                    .list_keys()
+                    .await?
+                    .into_iter()
+                    .filter(|k| k.owner.as_ref() == Some(subscription))
+                    .map(|k| k.server_key_id)
+                    .collect(),
+            },
+        };
+        for id in &ids {
+            client.delete_key(id).await?;
+        }
+        Ok(Some(KeyWrite::Deleted {
+            subscription: subscription.clone(),
+            server,
+            fence: job.fence,
+        }))
+    }
+
+    async fn sync_config(
+        &self,
+        job: &ClaimedJob,
+        client: &VpnClient,
+        server: ServerId,
+        subscription: &SubscriptionId,
+    ) -> Result<Option<KeyWrite>, JobError> {
+        // Read before fetching: a bump during the fetch leaves the key stale for the next sweep.
+        let generation = self.store.config_generation(server).await?;
+        let Some(id) = self.store.server_key_id(subscription, server).await? else {
+            return Ok(None);
+        };
+        match client.fetch_link(&id).await {
+            Ok(link) => Ok(Some(KeyWrite::ConfigSynced {
+                subscription: subscription.clone(),
+                server,
+                fence: job.fence,
+                link,
+                generation,
+            })),
+            // Gone from the server: the reconcile sweep recreates it; nothing to sync.
+            Err(keyfleet_vpn::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        job: &ClaimedJob,
+        client: &VpnClient,
+        server: ServerId,
+    ) -> Result<Option<KeyWrite>, JobError> {
+        // Postgres first: a create finishing between the two reads then shows up as a key to adopt,
+        // never as one to delete.
+        let stored = self.store.stored_keys(server).await?;
+        let remote = client.list_keys().await?;
+        let plan = reconcile::diff(&stored, &remote);
+        let lost = plan.lost.iter().map(|sub| {
+            self.writeback.write(KeyWrite::Lost {
+                subscription: sub.clone(),
+                server,
+                fence: job.fence,
+            })
+        });
+        for written in futures::future::join_all(lost).await {
+            written?;
+        }
+        let jobs: Vec<JobPayload> = plan
+            .create
+            .iter()
+            .map(|sub| JobPayload::CreateKey {
+                server,
+                subscription: sub.clone(),
+                existing: None,
+                verify: true,
+            })
+            .chain(plan.adopt.iter().map(|(sub, id)| JobPayload::CreateKey {
+                server,
+                subscription: sub.clone(),
+                existing: Some(id.clone()),
+                verify: true,
+            }))
+            .chain(plan.delete.iter().map(|(sub, id)| JobPayload::DeleteKey {
+                server,
+                subscription: sub.clone(),
+                server_key_id: Some(id.clone()),
+            }))
+            .collect();
+        let enqueued = enqueue_tolerating_duplicates(&self.queue, &jobs).await?;
+        tracing::info!(
+            remote = remote.len(),
+            stored = stored.len(),
+            create = plan.create.len(),
+            lost = plan.lost.len(),
+            adopt = plan.adopt.len(),
+            delete = plan.delete.len(),
+            foreign = plan.foreign,
+            enqueued,
+            "Reconciled server."
+        );
+        Ok(None)
+    }
+
+    async fn collect_traffic(
+        &self,
+        job: &ClaimedJob,
+        client: &VpnClient,
+        server: ServerId,
+    ) -> Result<Option<KeyWrite>, JobError> {
+        let readings: Vec<(String, i64)> = client
+            .traffic()
+            .await?
+            .into_iter()
+            .map(|t| (t.server_key_id, i64::try_from(t.bytes).unwrap_or(i64::MAX)))
+            .collect();
+        let kind = match client.kind() {
+            ServerKind::V2ray => TrafficKind::Cumulative,
+            ServerKind::Outline => TrafficKind::RollingWindow,
+        };
+        match self
+            .store
+            .record_traffic(server, kind, job.fence, &readings)
+            .await?
+        {
+            Some(updated) => {
+                tracing::info!(readings = readings.len(), updated, "Traffic collected.")
+            }
+            None => tracing::info!("Traffic reading fenced out: a newer collection was applied."),
+        }
+        Ok(None)
     }
 
     async fn write_then_finish(
@@ -147,26 +349,21 @@ impl Executor {
         match self.writeback.write(write).await {
             Ok(true) => Finish::Done,
             Ok(false) => {
-                tracing::info!(subscription = %payload.subscription, "Result not written: a newer attempt already wrote this key.");
+                tracing::info!(job = %payload.kind(), "Result not written: a newer attempt wrote this key, or its state moved on.");
                 Finish::Done
             }
-            Err(e) => {
-                let failure = Failure::retryable(format!("write-back failed: {e}"), None);
-                self.failed(job, payload, failure, Blame::Ours).await
-            }
+            Err(e) => self.failed(job, payload, JobError::from(e)).await,
         }
     }
 
     /// Retry while attempts remain and the error can pass; otherwise record the failure on the key
     /// and dead-letter the job with the reason.
-    async fn failed(
-        &self,
-        job: &ClaimedJob,
-        payload: &JobPayload,
-        failure: Failure,
-        blame: Blame,
-    ) -> Finish {
-        let server_fault = blame == Blame::Server && failure.is_retryable();
+    async fn failed(&self, job: &ClaimedJob, payload: &JobPayload, error: JobError) -> Finish {
+        let JobError {
+            failure,
+            server_fault,
+        } = error;
+        let server_fault = server_fault && failure.is_retryable();
         if let FailureClass::Retryable { retry_after } = failure.class
             && job.attempt < job.max_attempts
         {
@@ -190,10 +387,15 @@ impl Executor {
         } else {
             failure.message
         };
-        if payload.kind == JobKind::CreateKey {
+        if let JobPayload::CreateKey {
+            server,
+            subscription,
+            ..
+        } = payload
+        {
             let write = KeyWrite::Failed {
-                subscription: payload.subscription.clone(),
-                server: payload.server,
+                subscription: subscription.clone(),
+                server: *server,
                 fence: job.fence,
                 error: error.clone(),
             };
@@ -206,4 +408,63 @@ impl Executor {
             server_fault,
         }
     }
+}
+
+/// A failed step of a job, and whether the server is to blame (for its circuit breaker).
+struct JobError {
+    failure: Failure,
+    server_fault: bool,
+}
+
+impl JobError {
+    fn ours(failure: Failure) -> Self {
+        Self {
+            failure,
+            server_fault: false,
+        }
+    }
+}
+
+impl From<keyfleet_vpn::Error> for JobError {
+    fn from(e: keyfleet_vpn::Error) -> Self {
+        Self {
+            failure: e.to_failure(),
+            server_fault: true,
+        }
+    }
+}
+
+impl From<keyfleet_store::Error> for JobError {
+    fn from(e: keyfleet_store::Error) -> Self {
+        let message = format!("Postgres: {e}");
+        let failure = if e.is_transient() {
+            Failure::retryable(message, None)
+        } else {
+            Failure::permanent(message)
+        };
+        Self::ours(failure)
+    }
+}
+
+impl From<keyfleet_queue::Error> for JobError {
+    fn from(e: keyfleet_queue::Error) -> Self {
+        Self::ours(Failure::retryable(format!("Redis: {e}"), None))
+    }
+}
+
+/// Enqueues jobs; an operation already queued under another payload counts as queued.
+pub async fn enqueue_tolerating_duplicates(
+    queue: &Queue,
+    jobs: &[JobPayload],
+) -> Result<usize, keyfleet_queue::Error> {
+    let results = futures::future::join_all(jobs.iter().map(|j| queue.enqueue(j))).await;
+    let mut created = 0;
+    for result in results {
+        match result {
+            Ok(e) if e.created => created += 1,
+            Ok(_) | Err(keyfleet_queue::Error::IdempotencyConflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(created)
 }

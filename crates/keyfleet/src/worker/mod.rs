@@ -11,7 +11,7 @@ use keyfleet_store::{WriteBack, WriteBackConfig};
 use keyfleet_vpn::ClientConfig;
 use tower::limit::ConcurrencyLimitLayer;
 
-pub use executor::{Executor, execute};
+pub use executor::{Executor, enqueue_tolerating_duplicates, execute};
 
 use crate::{producer::sync_limits, servers::ServerClients, settings::Settings};
 
@@ -58,6 +58,7 @@ pub async fn run(
         ..ClientConfig::default()
     };
     let executor = Arc::new(Executor {
+        store: store.clone(),
         queue: queue.clone(),
         writeback,
         clients: ServerClients::new(store, client_config),

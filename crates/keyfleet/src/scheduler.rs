@@ -1,0 +1,103 @@
+//! `keyfleet scheduler`: fires each sweep on its cron schedule, exactly once per tick across any
+//! number of replicas. The tick is claimed in Postgres (one row per sweep and tick); a sweep runs
+//! under a transaction-scoped advisory lock, so a slow run is never started twice at once; ticks
+//! missed while no scheduler ran are caught up once (see `schedule::Schedule::due`).
+
+use std::{future::Future, time::Duration};
+
+use chrono::Utc;
+use keyfleet_queue::Queue;
+use keyfleet_store::Store;
+
+use crate::{
+    schedule::Schedule,
+    settings::Settings,
+    sweeps::{self, Sweep},
+};
+
+pub struct Scheduler {
+    pub store: Store,
+    pub queue: Queue,
+    pub settings: Settings,
+    pub schedules: Vec<(Sweep, Schedule)>,
+    /// Unique per process (shows in `sweep_ticks.fired_by` and logs).
+    pub id: String,
+}
+
+impl Scheduler {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.schedules.is_empty(),
+            "every sweep is off: nothing to schedule"
+        );
+        let started = Utc::now();
+        tracing::info!(id = %self.id, sweeps = ?self.schedules.iter().map(|(s, _)| s.name()).collect::<Vec<_>>(), "Scheduler started.");
+        tokio::pin!(shutdown);
+        loop {
+            let now = Utc::now();
+            for (sweep, schedule) in &self.schedules {
+                if let Err(error) = self.fire_if_due(*sweep, schedule, started, now).await {
+                    tracing::warn!(
+                        sweep = sweep.name(),
+                        error = format!("{error:#}"),
+                        "Sweep tick failed; next tick will try again."
+                    );
+                }
+            }
+            let now = Utc::now();
+            let next = self
+                .schedules
+                .iter()
+                .filter_map(|(_, s)| s.next_after(now))
+                .min();
+            let wait = next
+                .and_then(|t| (t - now).to_std().ok())
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("Scheduler stopped.");
+                    return Ok(());
+                }
+                () = tokio::time::sleep(wait + Duration::from_millis(5)) => {}
+            }
+        }
+    }
+
+    async fn fire_if_due(
+        &self,
+        sweep: Sweep,
+        schedule: &Schedule,
+        started: chrono::DateTime<Utc>,
+        now: chrono::DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let last = self.store.last_tick(sweep.name()).await?;
+        let Some(tick) = schedule.due(last, started, now) else {
+            return Ok(());
+        };
+        let mut lock = self.store.pool().begin().await?;
+        let locked: bool = sqlx_try_lock(&mut lock, sweep.name()).await?;
+        if !locked {
+            tracing::info!(sweep = sweep.name(), %tick, "Sweep still running elsewhere; not starting it again.");
+            return Ok(());
+        }
+        if !self.store.claim_tick(sweep.name(), tick, &self.id).await? {
+            return Ok(());
+        }
+        let report = sweeps::run(
+            &self.store,
+            &self.queue,
+            sweep,
+            None,
+            self.settings.config_ttl,
+        )
+        .await?;
+        tracing::info!(sweep = sweep.name(), %tick, jobs = report.jobs.values().sum::<usize>(), enqueued = report.enqueued, "Sweep fired.");
+        lock.commit().await?;
+        Ok(())
+    }
+}
+
+async fn sqlx_try_lock(tx: &mut keyfleet_store::Transaction, name: &str) -> anyhow::Result<bool> {
+    Ok(keyfleet_store::try_advisory_xact_lock(tx, &format!("keyfleet-sweep:{name}")).await?)
+}
