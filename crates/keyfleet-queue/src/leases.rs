@@ -3,7 +3,7 @@ use std::{collections::HashMap, sync::Arc};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::{ClaimedJob, JobId, Queue};
+use crate::{BuriedJob, ClaimedJob, JobId, Queue};
 
 /// The jobs this process holds leases on, so one heartbeat call can extend them all.
 #[derive(Clone, Default)]
@@ -52,6 +52,16 @@ impl Drop for LeaseGuard {
 /// Heartbeats this process's leases and takes back expired leases of dead workers, every third of
 /// the lease time. Redis errors are logged and retried; the task never ends on its own.
 pub fn spawn_maintenance(queue: Queue, registry: LeaseRegistry) -> JoinHandle<()> {
+    spawn_maintenance_with(queue, registry, |_| {})
+}
+
+/// Like [`spawn_maintenance`], calling `on_buried` for each job the reaper dead-lettered (its
+/// worker died on every attempt), so the caller can record the failure the worker could not.
+pub fn spawn_maintenance_with(
+    queue: Queue,
+    registry: LeaseRegistry,
+    on_buried: impl Fn(BuriedJob) + Send + 'static,
+) -> JoinHandle<()> {
     let period = queue.config().lease / 3;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
@@ -67,7 +77,8 @@ pub fn spawn_maintenance(queue: Queue, registry: LeaseRegistry) -> JoinHandle<()
             }
             loop {
                 match queue.reap_expired(REAP_BATCH).await {
-                    Ok(n) if n > 0 => {
+                    Ok((n, buried)) if n > 0 => {
+                        buried.into_iter().for_each(&on_buried);
                         tracing::info!(jobs = n, "Took back jobs whose worker lost its lease.");
                         if n < u64::from(REAP_BATCH) {
                             break;

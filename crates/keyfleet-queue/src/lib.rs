@@ -22,7 +22,7 @@ use redis::{
 };
 
 pub use backend::QueueBackend;
-pub use leases::{LeaseRegistry, spawn_maintenance};
+pub use leases::{LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
 pub use wake::WakeSignal;
@@ -100,6 +100,25 @@ pub struct ClaimedJob {
     /// The payload as enqueued; decoded by the executor, which dead-letters it if malformed.
     pub payload: String,
     pub enqueued_at_ms: i64,
+    /// Tries over the job's whole life, replays included: more than 1 means an earlier try may
+    /// have reached the server.
+    pub tries: u32,
+}
+
+impl ClaimedJob {
+    /// Whether an earlier try of this job may already have acted on the server.
+    pub fn tried_before(&self) -> bool {
+        self.attempt > 1 || self.tries > 1
+    }
+}
+
+/// A job the reaper dead-lettered because its attempts ran out on lost leases.
+#[derive(Debug, Clone)]
+pub struct BuriedJob {
+    pub id: JobId,
+    pub payload: String,
+    pub fence: i64,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +225,7 @@ impl Queue {
         })?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
@@ -366,16 +385,33 @@ impl Queue {
         Ok(lost.into_iter().map(JobId).collect())
     }
 
-    /// Takes back up to `max` jobs whose lease expired; returns how many.
-    pub async fn reap_expired(&self, max: u32) -> Result<u64> {
-        let n: u64 = self
+    /// Takes back up to `max` jobs whose lease expired; returns how many, and those of them that
+    /// ran out of attempts and were dead-lettered.
+    pub async fn reap_expired(&self, max: u32) -> Result<(u64, Vec<BuriedJob>)> {
+        let reply: Vec<Value> = self
             .scripts
             .reap
             .arg(&self.config.prefix)
             .arg(max)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(n)
+        let bad = |what: &str| Error::Reply(format!("reap: {what}"));
+        let (count, rest) = reply.split_first().ok_or_else(|| bad("empty reply"))?;
+        let count: u64 = redis::from_redis_value_ref(count).map_err(|e| bad(&e.to_string()))?;
+        let buried = rest
+            .chunks(4)
+            .map(|c| match c {
+                [id, payload, fence, error] => Ok(BuriedJob {
+                    id: JobId(redis::from_redis_value_ref(id).map_err(|e| bad(&e.to_string()))?),
+                    payload: redis::from_redis_value_ref(payload)
+                        .map_err(|e| bad(&e.to_string()))?,
+                    fence: redis::from_redis_value_ref(fence).map_err(|e| bad(&e.to_string()))?,
+                    error: redis::from_redis_value_ref(error).map_err(|e| bad(&e.to_string()))?,
+                }),
+                _ => Err(bad("truncated dead-lettered job")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((count, buried))
     }
 
     pub async fn stats(&self) -> Result<QueueStats> {
@@ -549,15 +585,18 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim> {
                 next_due: (due >= 0).then(|| Duration::from_millis(due as u64)),
             })
         }
-        [id, payload, attempt, max, fence, server, enqueued_at] => Ok(Claim::Job(ClaimedJob {
-            id: JobId(int(id)? as u64),
-            payload: text(payload)?,
-            attempt: int(attempt)? as u32,
-            max_attempts: int(max)? as u32,
-            fence: int(fence)?,
-            server: ServerId(int(server)?),
-            enqueued_at_ms: int(enqueued_at)?,
-        })),
+        [id, payload, attempt, max, fence, server, enqueued_at, tries] => {
+            Ok(Claim::Job(ClaimedJob {
+                tries: int(tries)? as u32,
+                id: JobId(int(id)? as u64),
+                payload: text(payload)?,
+                attempt: int(attempt)? as u32,
+                max_attempts: int(max)? as u32,
+                fence: int(fence)?,
+                server: ServerId(int(server)?),
+                enqueued_at_ms: int(enqueued_at)?,
+            }))
+        }
         other => Err(Error::Reply(format!(
             "claim returned {} values",
             other.len()

@@ -79,7 +79,7 @@ async fn an_attempt_whose_lease_expired_is_fenced_out() {
     q.enqueue(&create(1, "z")).await.unwrap();
     let zombie = claim(&q).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(q.reap_expired(100).await.unwrap(), 1);
+    assert_eq!(q.reap_expired(100).await.unwrap().0, 1);
     let fresh = claim(&q).await.unwrap();
     assert_eq!(fresh.id, zombie.id);
     assert_eq!(fresh.attempt, 2, "the lost attempt counted");

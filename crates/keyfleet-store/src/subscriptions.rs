@@ -8,8 +8,9 @@ use crate::{Result, Store};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProvisionPlan {
     pub subscription: SubscriptionId,
-    /// Active servers whose key for this subscription is not yet active: one create job each.
-    pub to_create: Vec<ServerId>,
+    /// Active servers whose key for this subscription is not yet active: one create job each,
+    /// with whether an earlier job already tried (so the create must look before it creates).
+    pub to_create: Vec<(ServerId, bool)>,
     /// Active servers where the key already exists (a renewal).
     pub already_active: Vec<ServerId>,
 }
@@ -39,7 +40,7 @@ impl Store {
              SET state = CASE WHEN keys.state = 'active' THEN 'active' ELSE 'pending' END,
                  enqueued_at = CASE WHEN keys.state = 'active' THEN keys.enqueued_at ELSE now() END,
                  updated_at = now()
-             RETURNING server_id, state",
+             RETURNING server_id, state, (fence > 0 OR last_error IS NOT NULL) AS tried",
         )
         .bind(sub.as_str())
         .fetch_all(&mut *tx)
@@ -56,7 +57,7 @@ impl Store {
             if state == "active" {
                 plan.already_active.push(server);
             } else {
-                plan.to_create.push(server);
+                plan.to_create.push((server, row.try_get("tried")?));
             }
         }
         plan.to_create.sort();

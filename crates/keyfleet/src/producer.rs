@@ -63,20 +63,32 @@ impl Producer {
         let payloads: Vec<JobPayload> = plan
             .to_create
             .iter()
-            .map(|&server| JobPayload::create(server, subscription.clone()))
+            .map(|&(server, tried)| JobPayload::CreateKey {
+                server,
+                subscription: subscription.clone(),
+                existing: None,
+                verify: tried,
+            })
             .collect();
-        let enqueued = self.queue.enqueue_all(&payloads).await?;
+        let results =
+            futures::future::join_all(payloads.iter().map(|p| self.queue.enqueue(p))).await;
+        let mut jobs = Vec::with_capacity(payloads.len());
+        for (payload, result) in payloads.iter().zip(results) {
+            let (job, new) = match result {
+                Ok(e) => (e.id, e.created),
+                // The same create is already queued (with another `verify`): that job does it.
+                Err(keyfleet_queue::Error::IdempotencyConflict { job, .. }) => (job, false),
+                Err(e) => return Err(e.into()),
+            };
+            jobs.push(EnqueuedJob {
+                server: payload.server(),
+                job,
+                new,
+            });
+        }
         Ok(ProvisionReceipt {
             subscription: subscription.clone(),
-            jobs: payloads
-                .iter()
-                .zip(enqueued)
-                .map(|(p, e)| EnqueuedJob {
-                    server: p.server(),
-                    job: e.id,
-                    new: e.created,
-                })
-                .collect(),
+            jobs,
             already_active: plan.already_active,
         })
     }

@@ -37,6 +37,7 @@ elseif outcome == 'dead' then
   bury(id, ARGV[6], now)
 elseif outcome == 'release' then
   redis.call('HINCRBY', job, 'attempts', -1)
+  redis.call('HINCRBY', job, 'tries', -1)
   make_ready(id, s, true, now)
 else
   return redis.error_reply('unknown outcome ' .. outcome)

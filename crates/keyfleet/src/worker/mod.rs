@@ -6,8 +6,9 @@ mod executor;
 use std::{future::Future, sync::Arc};
 
 use apalis_core::worker::builder::WorkerBuilder;
-use keyfleet_queue::{LeaseRegistry, QueueBackend, WakeSignal, spawn_maintenance};
-use keyfleet_store::{WriteBack, WriteBackConfig};
+use keyfleet_core::JobPayload;
+use keyfleet_queue::{BuriedJob, LeaseRegistry, QueueBackend, WakeSignal, spawn_maintenance_with};
+use keyfleet_store::{KeyWrite, WriteBack, WriteBackConfig};
 use keyfleet_vpn::ClientConfig;
 use tower::limit::ConcurrencyLimitLayer;
 
@@ -51,7 +52,11 @@ pub async fn run(
     sync_limits(&store, &queue).await?;
     let (writeback, writeback_task) = WriteBack::spawn(store.clone(), WriteBackConfig::default());
     let leases = LeaseRegistry::default();
-    let maintenance = spawn_maintenance(queue.clone(), leases.clone());
+    let maintenance = spawn_maintenance_with(
+        queue.clone(),
+        leases.clone(),
+        record_buried(writeback.clone()),
+    );
     let wake = WakeSignal::spawn(&queue);
     let client_config = ClientConfig {
         request_timeout: settings.request_timeout,
@@ -95,4 +100,31 @@ pub async fn run(
     drop(writeback_task);
     tracing::info!("Worker stopped.");
     Ok(())
+}
+
+/// A create the reaper dead-lettered (its worker died on every attempt) is recorded on its key,
+/// as the worker would have: `failed`, with the reason.
+fn record_buried(writeback: WriteBack) -> impl Fn(BuriedJob) + Send + 'static {
+    move |job| {
+        tracing::warn!(job = %job.id, error = %job.error, "Job dead-lettered by the reaper.");
+        if let Ok(JobPayload::CreateKey {
+            server,
+            subscription,
+            ..
+        }) = JobPayload::from_json(&job.payload)
+        {
+            let writeback = writeback.clone();
+            tokio::spawn(async move {
+                let write = KeyWrite::Failed {
+                    subscription,
+                    server,
+                    fence: job.fence,
+                    error: job.error,
+                };
+                if let Err(error) = writeback.write(write).await {
+                    tracing::warn!(%error, "Could not record a reaped job's failure on its key.");
+                }
+            });
+        }
+    }
 }
