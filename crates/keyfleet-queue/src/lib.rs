@@ -79,7 +79,7 @@ impl QueueConfig {
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
-            lease: Duration::from_secs(10),
+            lease: Duration::from_secs(15),
             idle_poll: Duration::from_millis(500),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(5),

@@ -82,11 +82,11 @@ impl Settings {
             database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
             redis_url: text("REDIS_URL", DEFAULT_REDIS_URL),
             redis_prefix: text("KEYFLEET_REDIS_PREFIX", DEFAULT_REDIS_PREFIX),
-            lease: millis("KEYFLEET_LEASE_MS", 10_000, 100, 600_000)?,
+            lease: millis("KEYFLEET_LEASE_MS", 15_000, 100, 600_000)?,
             retry_base: millis("KEYFLEET_RETRY_BASE_MS", 500, 1, 600_000)?,
             retry_cap: millis("KEYFLEET_RETRY_CAP_MS", 60_000, 1, 3_600_000)?,
             request_timeout: millis("KEYFLEET_REQUEST_TIMEOUT_MS", 10_000, 10, 600_000)?,
-            shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 20_000, 0, 600_000)?,
+            shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?,
             breaker_threshold: count("KEYFLEET_BREAKER_THRESHOLD", 5, 1, 10_000)?,
             breaker_cooldown: millis("KEYFLEET_BREAKER_COOLDOWN_MS", 5_000, 10, 3_600_000)?,
             config_ttl: Duration::from_secs(u64::from(count(
@@ -166,7 +166,11 @@ mod tests {
     fn defaults_and_rejections_name_the_variable() {
         let s = with(&[]).unwrap();
         assert_eq!(s.redis_prefix, "keyfleet");
-        assert_eq!(s.lease, Duration::from_secs(10));
+        assert_eq!(s.lease, Duration::from_secs(15));
+        assert!(
+            s.shutdown_grace < s.lease,
+            "a job claimed while draining is released before its lease expires"
+        );
         let err = with(&[("KEYFLEET_LEASE_MS", "soon")])
             .unwrap_err()
             .to_string();

@@ -178,12 +178,15 @@ impl Executor {
         let (server_key_id, link) = match adopted {
             Some(found) => found,
             None => {
-                let key = client
-                    .ensure_key(
-                        subscription,
-                        verify || existing.is_some() || job.attempt > 1,
-                    )
-                    .await?;
+                let looked_first = verify || existing.is_some() || job.tried_before();
+                let key = client.ensure_key(subscription, looked_first).await?;
+                if looked_first && !key.adopted {
+                    // An earlier try may still have created a copy our lookup could not see yet (its
+                    // request was in flight). On a server without a uniqueness check that is a second
+                    // key: keep ours, the one Postgres will hold, and remove any other.
+                    self.remove_other_copies(client, subscription, &key.server_key_id)
+                        .await?;
+                }
                 (key.server_key_id, key.link)
             }
         };
@@ -194,6 +197,26 @@ impl Executor {
             server_key_id,
             link,
         }))
+    }
+
+    async fn remove_other_copies(
+        &self,
+        client: &VpnClient,
+        subscription: &SubscriptionId,
+        keep: &str,
+    ) -> Result<(), JobError> {
+        let copies: Vec<String> = client
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.owner.as_ref() == Some(subscription) && k.server_key_id != keep)
+            .map(|k| k.server_key_id)
+            .collect();
+        for id in &copies {
+            tracing::warn!(%subscription, server_key_id = %id, "Removing a second copy of a key left by an earlier try.");
+            client.delete_key(id).await?;
+        }
+        Ok(())
     }
 
     async fn delete(
