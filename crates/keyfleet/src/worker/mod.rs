@@ -16,6 +16,10 @@ pub use executor::{Executor, enqueue_tolerating_duplicates, execute};
 
 use crate::{producer::sync_limits, servers::ServerClients, settings::Settings};
 
+/// Concurrency served by one claim loop, and the most claim loops a process runs.
+const JOBS_PER_CLAIMER: usize = 8;
+const MAX_CLAIMERS: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Jobs this process runs at once (each holds one per-server slot while it runs).
@@ -71,24 +75,41 @@ pub async fn run(
         settings: settings.clone(),
     });
     tracing::info!(worker = %options.worker_id, concurrency = options.concurrency, prefix = %settings.redis_prefix, "Worker started.");
-    let worker = WorkerBuilder::new(options.worker_id.as_str())
-        .backend(QueueBackend::new(queue, options.worker_id.as_str(), wake))
-        .layer(ConcurrencyLimitLayer::new(options.concurrency))
-        .data(executor)
-        .build(execute);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = worker.run_until(async move {
-        let _ = stop_rx.await;
-        Ok::<(), std::io::Error>(())
+    // One apalis worker claims one job at a time (a Redis round trip each), so a process runs
+    // several, sharing the concurrency: claims then overlap instead of queueing behind each other.
+    let claimers = options
+        .concurrency
+        .div_ceil(JOBS_PER_CLAIMER)
+        .clamp(1, MAX_CLAIMERS);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = (0..claimers).map(|i| {
+        let share =
+            options.concurrency / claimers + usize::from(i < options.concurrency % claimers);
+        let name = format!("{}/{i}", options.worker_id);
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(QueueBackend::new(
+                queue.clone(),
+                name.as_str(),
+                wake.clone(),
+            ))
+            .layer(ConcurrencyLimitLayer::new(share))
+            .data(executor.clone())
+            .build(execute);
+        let mut stop = stop_rx.clone();
+        worker.run_until(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+            Ok::<(), std::io::Error>(())
+        })
     });
+    let running = futures::future::try_join_all(workers);
     tokio::pin!(running);
     tokio::select! {
-        result = &mut running => result?,
+        result = &mut running => { result?; }
         () = shutdown => {
             tracing::info!(in_flight = leases.len(), "Shutting down: no new claims; finishing in-flight jobs.");
-            let _ = stop_tx.send(());
+            let _ = stop_tx.send(true);
             match tokio::time::timeout(settings.shutdown_grace, &mut running).await {
-                Ok(result) => result?,
+                Ok(result) => { result?; }
                 Err(_) => tracing::warn!(
                     in_flight = leases.len(),
                     "Grace period over with jobs still running; their leases will expire and they will run again."
