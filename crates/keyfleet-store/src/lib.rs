@@ -21,7 +21,7 @@ pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
 pub use servers::{NewServer, Server};
 pub use subscriptions::ProvisionPlan;
 pub use sweeps::{StoredKey, TrafficKind};
-pub use writeback::{WriteBack, WriteBackConfig};
+pub use writeback::{Contributors, WriteBack, WriteBackConfig};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -197,8 +197,9 @@ impl Store {
 
     /// Records one server's traffic readings in one statement; returns the keys updated, or `None`
     /// when a collection with a newer fence was already applied. Cumulative counters: a reading
-    /// below the last one means the counter reset, and the reading itself is the traffic since;
-    /// totals never go down.
+    /// below the last one means the counter reset, and the reading itself is the traffic since; a
+    /// key missing from the readings has no counter (no traffic since the reset); totals never go
+    /// down.
     pub async fn record_traffic(
         &self,
         server: ServerId,
@@ -239,6 +240,23 @@ impl Store {
             .bind(server.0)
             .bind(&ids)
             .bind(&bytes)
+            .execute(&mut *tx)
+            .await?;
+        // A key missing from the reading has counted 0: V2Ray lists a user only after its first
+        // traffic since the counters (re)started, so its next reading counts from 0, not from its
+        // reading before the reset; Outline leaves out keys with no bytes in its window.
+        let missing = match kind {
+            TrafficKind::Cumulative => "traffic_last_raw = 0 WHERE k.traffic_last_raw > 0 AND",
+            TrafficKind::RollingWindow => {
+                "traffic_window_bytes = 0 WHERE k.traffic_window_bytes > 0 AND"
+            }
+        };
+        sqlx::query(&format!(
+                "UPDATE keys k SET {missing} k.server_id = $1 AND k.server_key_id IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM UNNEST($2::text[]) AS u(id) WHERE u.id = k.server_key_id)"
+            ))
+            .bind(server.0)
+            .bind(&ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

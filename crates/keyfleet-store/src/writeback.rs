@@ -1,7 +1,8 @@
 //! The batched write-back: job results reach Postgres in multi-row statements, flushed when a batch
-//! is full or a short interval passed. The caller waits for the commit before acknowledging its job.
+//! is full, when every job that could still add to it already has, or when a short window passed.
+//! The caller waits for the commit before acknowledging its job.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,7 +21,7 @@ impl Default for WriteBackConfig {
     fn default() -> Self {
         Self {
             max_batch: 500,
-            max_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(50),
             retry_delay: Duration::from_millis(500),
         }
     }
@@ -37,8 +38,18 @@ pub struct WriteBack {
 
 impl WriteBack {
     pub fn spawn(store: Store, config: WriteBackConfig) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::spawn_with(store, config, None)
+    }
+
+    /// Like [`WriteBack::spawn`]; a batch is also flushed as soon as it holds a result from every
+    /// one of the `contributors` (so the window only delays results while more are coming).
+    pub fn spawn_with(
+        store: Store,
+        config: WriteBackConfig,
+        contributors: Option<Contributors>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        let task = tokio::spawn(run(store, config, rx));
+        let task = tokio::spawn(run(store, config, contributors, rx));
         (Self { tx }, task)
     }
 
@@ -54,12 +65,27 @@ impl WriteBack {
     }
 }
 
-async fn run(store: Store, config: WriteBackConfig, mut rx: mpsc::Receiver<Pending>) {
+/// How many results could join the batch now: the jobs the caller holds. When every one of them
+/// is waiting on the write-back, waiting longer only adds latency.
+pub type Contributors = Arc<dyn Fn() -> usize + Send + Sync>;
+
+async fn run(
+    store: Store,
+    config: WriteBackConfig,
+    contributors: Option<Contributors>,
+    mut rx: mpsc::Receiver<Pending>,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(config.max_batch);
     while let Some(first) = rx.recv().await {
         batch.push(first);
         let deadline = tokio::time::Instant::now() + config.max_delay;
         while batch.len() < config.max_batch {
+            if contributors
+                .as_ref()
+                .is_some_and(|held| batch.len() >= held())
+            {
+                break;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(next)) => batch.push(next),
                 Ok(None) | Err(_) => break,

@@ -180,6 +180,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Long-running roles take SIGTERM/SIGINT as "shut down gracefully"; other commands keep the
+    // default (Ctrl-C ends them).
+    let long_running = matches!(
+        cli.command,
+        Command::Worker { .. } | Command::Scheduler { .. }
+    );
+    let shutdown = long_running.then(shutdown_signal);
     let settings = Settings::from_env()?;
     match cli.command {
         Command::Migrate => {
@@ -291,10 +298,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings,
                 schedules,
             };
-            scheduler.run(shutdown_signal()).await?;
+            scheduler
+                .run(shutdown.expect("installed for the scheduler"))
+                .await?;
         }
         Command::Worker { concurrency } => {
-            worker::run(settings, WorkerOptions::new(concurrency), shutdown_signal()).await?;
+            worker::run(
+                settings,
+                WorkerOptions::new(concurrency),
+                shutdown.expect("installed for the worker"),
+            )
+            .await?;
         }
         Command::Status { subscription, json } => {
             let sub = SubscriptionId::parse(&subscription)
@@ -447,13 +461,17 @@ async fn dlq_command(settings: Settings, command: DlqCommand) -> anyhow::Result<
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a signal during start-up (connecting, loading servers) is not lost and
+/// does not kill the process with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -121,6 +121,19 @@ impl ServerClients {
         }
     }
 
+    /// Builds the clients of these servers up front, so the first jobs do not each load their
+    /// server's row. A server whose configuration is unusable is left for `get` to report.
+    pub fn preload(&self, servers: &[Server]) {
+        let mut clients = self.clients.write();
+        for server in servers {
+            if let Ok(endpoint) = endpoint_of(server)
+                && let Ok(client) = VpnClient::new(&endpoint, &self.config)
+            {
+                clients.insert(server.id, client);
+            }
+        }
+    }
+
     pub async fn get(&self, id: ServerId) -> Result<VpnClient, ClientError> {
         if let Some(client) = self.clients.read().get(&id) {
             return Ok(client.clone());

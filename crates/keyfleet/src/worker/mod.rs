@@ -20,6 +20,14 @@ use crate::{producer::sync_limits, servers::ServerClients, settings::Settings};
 const JOBS_PER_CLAIMER: usize = 8;
 const MAX_CLAIMERS: usize = 8;
 
+/// How many claim loops (apalis workers over the queue backend) a process with this concurrency
+/// runs.
+pub fn claim_loops(concurrency: usize) -> usize {
+    concurrency
+        .div_ceil(JOBS_PER_CLAIMER)
+        .clamp(1, MAX_CLAIMERS)
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Jobs this process runs at once (each holds one per-server slot while it runs).
@@ -54,8 +62,13 @@ pub async fn run(
     let store = settings.store().await?;
     let queue = settings.queue()?;
     sync_limits(&store, &queue).await?;
-    let (writeback, writeback_task) = WriteBack::spawn(store.clone(), WriteBackConfig::default());
     let leases = LeaseRegistry::default();
+    let held = leases.clone();
+    let (writeback, writeback_task) = WriteBack::spawn_with(
+        store.clone(),
+        WriteBackConfig::default(),
+        Some(Arc::new(move || held.len())),
+    );
     let maintenance = spawn_maintenance_with(
         queue.clone(),
         leases.clone(),
@@ -66,11 +79,13 @@ pub async fn run(
         request_timeout: settings.request_timeout,
         ..ClientConfig::default()
     };
+    let clients = ServerClients::new(store.clone(), client_config);
+    clients.preload(&store.list_servers().await?);
     let executor = Arc::new(Executor {
         store: store.clone(),
         queue: queue.clone(),
         writeback,
-        clients: ServerClients::new(store, client_config),
+        clients,
         leases: leases.clone(),
         settings: settings.clone(),
     });
