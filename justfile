@@ -28,3 +28,9 @@ demo:
 # Start Postgres, Redis, migrations and workers with Docker Compose.
 up:
     docker compose -f deploy/compose.yaml up --build
+
+# Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis, then sweeps
+# and write-back against the naive way (needs Postgres and Redis on localhost).
+bench:
+    cargo bench -p keyfleet --bench queue
+    cargo bench -p keyfleet --bench sweeps

@@ -2,7 +2,7 @@
 //! helpers to run the real binary and real worker processes.
 
 use std::{
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     time::{Duration, Instant},
 };
 
@@ -108,19 +108,10 @@ impl TestEnv {
         self.ok(&args);
     }
 
-    /// Starts a real worker process.
+    /// Starts a real worker process; its log goes to a file (a pipe nobody reads while it runs
+    /// would block a chatty worker after 64 KiB), returned by `terminate`.
     pub fn spawn_worker(&self, concurrency: usize, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        let mut cmd = self.keyfleet();
-        cmd.args(["worker", "--concurrency", &concurrency.to_string()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        WorkerProcess {
-            child: Some(cmd.spawn().expect("worker starts")),
-        }
+        chaos::spawn_logged_worker(self, concurrency, extra_env).0
     }
 
     pub async fn cleanup(self) {
@@ -140,6 +131,7 @@ impl TestEnv {
 /// A worker process, killed if the test ends without stopping it.
 pub struct WorkerProcess {
     child: Option<Child>,
+    log: Option<std::path::PathBuf>,
 }
 
 impl WorkerProcess {
@@ -158,11 +150,11 @@ impl WorkerProcess {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut log = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = err.read_to_string(&mut log);
-                }
+                let log = self
+                    .log
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
                 return (status, log);
             }
             assert!(
@@ -199,5 +191,390 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Helpers of the retry and resilience tests (`retries.rs`, `resilience.rs`): workers whose log
+/// goes to a file, bulk seeding of key rows, the dead-letter list, a private Redis.
+pub mod chaos {
+    use std::{
+        path::PathBuf,
+        process::{Child, Command, Stdio},
+        time::Duration,
+    };
+
+    use keyfleet_core::{JobPayload, ServerId};
+
+    use super::{TestEnv, WorkerProcess, eventually};
+
+    /// Starts a real worker process like [`TestEnv::spawn_worker`], but its log goes to a file
+    /// instead of a pipe nobody reads while it runs: a chatty worker (retries, Redis outages) would
+    /// otherwise block on a full pipe after 64 KiB and look hung. Returns the process and its log.
+    pub fn spawn_logged_worker(
+        env: &TestEnv,
+        concurrency: usize,
+        extra_env: &[(&str, &str)],
+    ) -> (WorkerProcess, PathBuf) {
+        let dir = std::env::temp_dir().join("keyfleet-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!(
+            "{}-{}.log",
+            env.prefix.replace(':', "_"),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let log = std::fs::File::create(&path).unwrap();
+        let mut cmd = env.keyfleet();
+        // For measurements only: run another build of the binary (e.g. target/release/keyfleet).
+        if let Ok(bin) = std::env::var("KEYFLEET_E2E_WORKER_BIN") {
+            let mut other = Command::new(bin);
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    other.env(k, v);
+                }
+            }
+            cmd = other;
+        }
+        cmd.args(["worker", "--concurrency", &concurrency.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let worker = WorkerProcess {
+            child: Some(cmd.spawn().expect("worker starts")),
+            log: Some(path.clone()),
+        };
+        (worker, path)
+    }
+
+    /// The last `lines` lines of a worker log, for failure messages.
+    pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the process has not exited (`try_wait` is `None`).
+    pub fn still_running(worker: &mut WorkerProcess) -> bool {
+        worker
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Resident set size of a process in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn pid_of(worker: &WorkerProcess) -> u32 {
+        worker.child.as_ref().unwrap().id()
+    }
+
+    /// The id of a registered server.
+    pub async fn server_id(env: &TestEnv, name: &str) -> ServerId {
+        env.store.server_by_name(name).await.unwrap().id
+    }
+
+    /// Records `jobs` pending keys in bulk, in two SQL statements, as the producer would: job `g`
+    /// (0-based) is the key of subscription `{prefix}{g / servers.len()}` on
+    /// `servers[g % servers.len()]`. Returns the create payloads to enqueue, in the same order.
+    pub async fn seed_pending_keys(
+        env: &TestEnv,
+        prefix: &str,
+        jobs: usize,
+        servers: &[ServerId],
+    ) -> Vec<JobPayload> {
+        assert!(!servers.is_empty() && jobs > 0);
+        assert!(
+            prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "a subscription id prefix: {prefix:?}"
+        );
+        let n = servers.len();
+        let subs = jobs.div_ceil(n);
+        let ids = servers
+            .iter()
+            .map(|s| s.0.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        env.store
+            .execute_admin(&format!(
+                "INSERT INTO subscriptions (id) SELECT '{prefix}' || g FROM generate_series(0, {}) g
+                 ON CONFLICT DO NOTHING",
+                subs - 1
+            ))
+            .await
+            .unwrap();
+        env.store
+            .execute_admin(&format!(
+                "INSERT INTO keys (subscription_id, server_id, state, enqueued_at)
+                 SELECT '{prefix}' || (g / {n}), (ARRAY[{ids}]::bigint[])[g % {n} + 1], 'pending', now()
+                 FROM generate_series(0, {}) g",
+                jobs - 1
+            ))
+            .await
+            .unwrap();
+        (0..jobs)
+            .map(|g| {
+                JobPayload::create(
+                    servers[g % n],
+                    format!("{prefix}{}", g / n).parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// `keyfleet dlq list --json`.
+    pub fn dlq_list(env: &TestEnv) -> Vec<serde_json::Value> {
+        let out = env.ok(&["dlq", "list", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap_or_else(|e| panic!("dlq list --json is JSON ({e}): {out}"))
+            .as_array()
+            .expect("dlq list --json is an array")
+            .clone()
+    }
+
+    /// Waits until a key is in `state` in Postgres; returns its row.
+    pub async fn key_in_state(
+        env: &TestEnv,
+        sub: &str,
+        server: ServerId,
+        state: &str,
+        within: Duration,
+    ) -> keyfleet_store::KeyRow {
+        let sub = sub.parse().unwrap();
+        eventually(
+            within,
+            &format!("key {sub} on {server} {state}"),
+            || async {
+                let row = env.store.key_row(&sub, server).await.ok()??;
+                (row.state == state).then_some(row)
+            },
+        )
+        .await
+    }
+
+    /// A loopback port nobody listened on a moment ago.
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A redis-server of this test only, on a free loopback port, keeping nothing on disk. It can be
+    /// frozen (SIGSTOP) and thawed (SIGCONT); dropping it thaws and kills it.
+    pub struct PrivateRedis {
+        child: Child,
+        pub port: u16,
+    }
+
+    impl PrivateRedis {
+        pub async fn start() -> Self {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts (is it installed?)");
+            let redis = Self { child, port };
+            let client = redis::Client::open(redis.url()).unwrap();
+            eventually(
+                Duration::from_secs(10),
+                "the private redis-server to answer PING",
+                || async {
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                },
+            )
+            .await;
+            redis
+        }
+
+        pub fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn pid(&self) -> nix::unistd::Pid {
+            nix::unistd::Pid::from_raw(self.child.id() as i32)
+        }
+
+        /// SIGSTOP: the process stays, its data stays, it answers nothing.
+        pub fn freeze(&self) {
+            nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        }
+
+        pub fn thaw(&self) {
+            nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Helpers of the sweep and scheduler tests (`sweeps.rs`): long-running `keyfleet` processes (a
+/// worker, a scheduler replica) whose log goes to a file as JSON lines, so a chatty process never
+/// blocks on a full pipe and the test can read what it logged while it runs.
+pub mod sweeping {
+    use std::{
+        path::PathBuf,
+        process::{Child, ExitStatus, Stdio},
+        time::{Duration, Instant},
+    };
+
+    use super::TestEnv;
+
+    pub struct LoggedProcess {
+        child: Option<Child>,
+        log: PathBuf,
+    }
+
+    /// `keyfleet <args>` with the environment's database, Redis and prefix, `RUST_LOG=info` and
+    /// JSON logs to a file of its own; `extra_env` goes last (it may override `DATABASE_URL`).
+    pub fn spawn_logged(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> LoggedProcess {
+        let dir = std::env::temp_dir().join("keyfleet-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!(
+            "{}-{}-{}.log",
+            args.first().copied().unwrap_or("keyfleet"),
+            env.prefix.replace(':', "_"),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = env.keyfleet();
+        // For measurements only: run workers from another build (e.g. target/release/keyfleet).
+        if let (Some(&"worker"), Ok(bin)) = (args.first(), std::env::var("KEYFLEET_E2E_WORKER_BIN"))
+        {
+            let mut other = std::process::Command::new(bin);
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    other.env(k, v);
+                }
+            }
+            cmd = other;
+        }
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("KEYFLEET_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file));
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        LoggedProcess {
+            child: Some(cmd.spawn().expect("keyfleet starts")),
+            log,
+        }
+    }
+
+    /// A real worker process (`keyfleet worker --concurrency N`).
+    pub fn spawn_worker(
+        env: &TestEnv,
+        concurrency: usize,
+        extra_env: &[(&str, &str)],
+    ) -> LoggedProcess {
+        let concurrency = concurrency.to_string();
+        spawn_logged(env, &["worker", "--concurrency", &concurrency], extra_env)
+    }
+
+    /// A real scheduler replica: `keyfleet scheduler` with `(sweep, cron)` pairs; sweeps not named
+    /// are "off".
+    pub fn spawn_scheduler(env: &TestEnv, schedules: &[(&str, &str)]) -> LoggedProcess {
+        let mut args = vec!["scheduler".to_owned()];
+        for sweep in ["reconcile", "expire", "configs", "traffic"] {
+            let cron = schedules
+                .iter()
+                .find(|(s, _)| *s == sweep)
+                .map_or("off", |(_, c)| *c);
+            args.push(format!("--{sweep}"));
+            args.push(cron.to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn_logged(env, &args, &[])
+    }
+
+    impl LoggedProcess {
+        /// What it has logged so far.
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// The messages it logged so far, one JSON object per line (`fields.message` etc.).
+        pub fn events(&self) -> Vec<serde_json::Value> {
+            self.log()
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .collect()
+        }
+
+        /// Whether it has not exited.
+        pub fn is_running(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        }
+
+        /// Sends SIGTERM and waits for the exit; returns the exit status.
+        pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+            let mut child = self.child.take().expect("still running");
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + within;
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "process did not exit within {within:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for LoggedProcess {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // Kept when the test fails, for a look at the whole log.
+            if !std::thread::panicking() {
+                let _ = std::fs::remove_file(&self.log);
+            }
+        }
     }
 }

@@ -2,5 +2,10 @@
 //! fake VPN fleet. Each test gets its own database and Redis key prefix.
 
 mod cli;
+mod guarantees;
 mod harness;
 mod provision;
+mod resilience;
+mod retries;
+mod support;
+mod sweeps;
