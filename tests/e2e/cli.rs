@@ -267,3 +267,50 @@ fn every_command_has_help() {
         );
     }
 }
+
+#[tokio::test]
+async fn set_limit_changes_the_fleet_wide_limit_at_run_time() {
+    let env = TestEnv::new().await;
+    env.ok(&[
+        "server",
+        "add",
+        "--name",
+        "s1",
+        "--kind",
+        "v2ray",
+        "--api-url",
+        "http://127.0.0.1:1",
+        "--api-key",
+        "k",
+        "--max-in-flight",
+        "1",
+    ]);
+    let out = env.ok(&["server", "set-limit", "s1", "3"]);
+    assert!(out.contains("3"), "{out}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ok(&["server", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["max_in_flight"], 3);
+    // The queue now lets three jobs of s1 be claimed at once, and no fourth.
+    let server = keyfleet_core::ServerId(listed[0]["id"].as_i64().unwrap());
+    for i in 0..4 {
+        let sub = format!("s{i}").parse().unwrap();
+        env.queue
+            .enqueue(&keyfleet_core::JobPayload::create(server, sub))
+            .await
+            .unwrap();
+    }
+    let mut claimed = 0;
+    while let keyfleet_queue::Claim::Job(_) = env.queue.claim("test").await.unwrap() {
+        claimed += 1;
+    }
+    assert_eq!(claimed, 3);
+    assert_rejected(
+        &env.run(&["server", "set-limit", "s1", "0"]),
+        "out of range",
+    );
+    assert_rejected(
+        &env.run(&["server", "set-limit", "nope", "2"]),
+        "no server named",
+    );
+    env.cleanup().await;
+}

@@ -518,6 +518,11 @@ async fn reconcile_recreates_lost_keys_deletes_orphans_and_spares_foreign_users(
         (n as u64, n as u64, 0),
         "exactly the lost keys were created again"
     );
+    assert_eq!(
+        requests(wiped, &LISTS),
+        1,
+        "the repair creates do not list the server again: reconcile already did"
+    );
     assert_eq!(requests(wiped, &DELETES), 0);
     for fake in [kept, outline] {
         assert_eq!(requests(fake, &CREATES), 0, "{:?}", fake.meter().requests);

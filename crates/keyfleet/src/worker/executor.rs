@@ -305,7 +305,10 @@ impl Executor {
                 server,
                 subscription: sub.clone(),
                 existing: None,
-                verify: true,
+                // A key Postgres had as active and the list lacks has no create in flight: create it
+                // straight away (a wiped node's thousands of keys must not each list the server).
+                // A pending one may: look first.
+                verify: !plan.lost.contains(sub),
             })
             .chain(plan.adopt.iter().map(|(sub, id)| JobPayload::CreateKey {
                 server,
