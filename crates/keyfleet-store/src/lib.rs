@@ -96,10 +96,6 @@ impl Store {
         Ok(Self { pool })
     }
 
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
-    }
-
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -38,6 +38,13 @@ fn sub_of(row: &sqlx::postgres::PgRow, column: &str) -> Result<SubscriptionId> {
     SubscriptionId::parse(&raw).map_err(|e| Error::Rejected(format!("keys.subscription_id: {e}")))
 }
 
+fn server_and_subscription(row: &sqlx::postgres::PgRow) -> Result<(ServerId, SubscriptionId)> {
+    Ok((
+        ServerId(row.try_get("server_id")?),
+        sub_of(row, "subscription_id")?,
+    ))
+}
+
 impl Store {
     /// Marks a subscription cancelled and its keys as to be deleted; returns the servers whose key
     /// needs a delete job. `NotFound` for an unknown subscription.
@@ -93,14 +100,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    ServerId(r.try_get("server_id")?),
-                    sub_of(r, "subscription_id")?,
-                ))
-            })
-            .collect()
+        rows.iter().map(server_and_subscription).collect()
     }
 
     /// Active keys whose link was never stored, is older than `ttl`, or predates their server's
@@ -122,14 +122,7 @@ impl Store {
         .bind(server.map(|s| s.0))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    ServerId(r.try_get("server_id")?),
-                    sub_of(r, "subscription_id")?,
-                ))
-            })
-            .collect()
+        rows.iter().map(server_and_subscription).collect()
     }
 
     /// Bumps a server's config generation (every link on it changed); returns the new generation.

@@ -49,33 +49,25 @@ pub async fn replay(
     selection: Selection,
 ) -> anyhow::Result<ReplayReport> {
     const EVERYTHING: usize = 1_000_000;
+    let dead: Vec<DeadJob> = queue.dead_jobs(EVERYTHING).await?;
     let ids: Vec<JobId> = match selection {
         Selection::Ids(ids) => ids,
         Selection::Server(name) => {
             let server = store.server_by_name(&name).await?;
-            queue
-                .dead_jobs(EVERYTHING)
-                .await?
-                .into_iter()
+            dead.iter()
                 .filter(|j| j.server == server.id)
                 .map(|j| j.id)
                 .collect()
         }
-        Selection::All => queue
-            .dead_jobs(EVERYTHING)
-            .await?
-            .into_iter()
-            .map(|j| j.id)
-            .collect(),
+        Selection::All => dead.iter().map(|j| j.id).collect(),
     };
-    let before: Vec<DeadJob> = queue.dead_jobs(EVERYTHING).await?;
     let mut report = ReplayReport::default();
     let mut pending_again = Vec::new();
     for (id, outcome) in queue.replay(&ids).await? {
         match outcome {
             ReplayOutcome::Replayed => {
                 report.replayed.push(id);
-                if let Some(job) = before.iter().find(|j| j.id == id)
+                if let Some(job) = dead.iter().find(|j| j.id == id)
                     && let Ok(payload) = JobPayload::from_json(&job.payload)
                     && let JobPayload::CreateKey {
                         server,

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{JobId, Queue};
-use keyfleet_store::Store;
+use keyfleet_store::{Server, Store};
 use serde::Serialize;
 
 #[derive(Clone)]
@@ -132,17 +132,11 @@ impl Producer {
             cancelled,
         })
     }
-
-    /// Pushes every server's `max_in_flight` from Postgres to the queue.
-    pub async fn sync_limits(&self) -> anyhow::Result<()> {
-        sync_limits(&self.store, &self.queue).await
-    }
 }
 
-pub async fn sync_limits(store: &Store, queue: &Queue) -> anyhow::Result<()> {
-    let limits: Vec<(ServerId, u32)> = store
-        .list_servers()
-        .await?
+/// Pushes these servers' `max_in_flight` to the queue.
+pub async fn sync_limits(queue: &Queue, servers: &[Server]) -> anyhow::Result<()> {
+    let limits: Vec<(ServerId, u32)> = servers
         .iter()
         .map(|s| (s.id, s.max_in_flight.max(1) as u32))
         .collect();

@@ -61,7 +61,8 @@ pub async fn run(
     anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
     let store = settings.store().await?;
     let queue = settings.queue()?;
-    sync_limits(&store, &queue).await?;
+    let servers = store.list_servers().await?;
+    sync_limits(&queue, &servers).await?;
     let leases = LeaseRegistry::default();
     let held = leases.clone();
     let (writeback, writeback_task) = WriteBack::spawn_with(
@@ -80,7 +81,7 @@ pub async fn run(
         ..ClientConfig::default()
     };
     let clients = ServerClients::new(store.clone(), client_config);
-    clients.preload(&store.list_servers().await?);
+    clients.preload(&servers);
     let executor = Arc::new(Executor {
         store: store.clone(),
         queue: queue.clone(),
