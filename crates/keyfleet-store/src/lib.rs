@@ -17,7 +17,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount};
+pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount, WriteOutcome};
 pub use servers::{NewServer, Server};
 pub use subscriptions::ProvisionPlan;
 pub use sweeps::{StoredKey, TrafficKind};
@@ -46,22 +46,43 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the operation may succeed if tried again (Postgres unreachable, not a bad value).
+    /// Whether the operation may succeed if tried again: Postgres unreachable, the connection lost
+    /// or the pool exhausted, or a database error whose SQLSTATE says the same statement can pass
+    /// later (see [`sqlstate_is_transient`]). Everything else the database rejects (constraint
+    /// violations, data exceptions such as a NUL byte in text, ...) is permanent.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::WriteBackClosed => true,
-            Self::Db(e) => {
-                matches!(
-                    e,
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::Protocol(_)
-                ) || e.as_database_error().is_none() && !matches!(e, sqlx::Error::RowNotFound)
-            }
+            Self::WriteBackClosed => true,
+            Self::Connect { source, .. } | Self::Db(source) => sqlx_is_transient(source),
             _ => false,
         }
     }
+}
+
+fn sqlx_is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| sqlstate_is_transient(&code)),
+        // Decoding, configuration, missing rows or columns: retrying runs the same code again.
+        _ => false,
+    }
+}
+
+/// Whether a Postgres SQLSTATE names a condition that passes with time: serialization failure
+/// (40001), deadlock (40P01), a read-only transaction after a failover (25006), the server shutting
+/// down or starting (57P01, 57P02, 57P03), insufficient resources (53xxx), connection exceptions
+/// (08xxx), a lock not available (55P03).
+pub fn sqlstate_is_transient(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "25006" | "57P01" | "57P02" | "57P03" | "55P03"
+    ) || code.starts_with("53")
+        || code.starts_with("08")
 }
 
 /// The handle to keyfleet's Postgres database; cheap to clone.

@@ -15,6 +15,8 @@ pub struct StoredKey {
     pub subscription: SubscriptionId,
     pub state: String,
     pub server_key_id: Option<String>,
+    /// The key is `failed`, on errors that may pass (its attempts ran out on transient errors).
+    pub failed_transiently: bool,
 }
 
 impl StoredKey {
@@ -153,7 +155,8 @@ impl Store {
     /// Every key row of a server, for reconcile.
     pub async fn stored_keys(&self, server: ServerId) -> Result<Vec<StoredKey>> {
         let rows = sqlx::query(
-            "SELECT subscription_id, state, server_key_id FROM keys WHERE server_id = $1",
+            "SELECT subscription_id, state, server_key_id, state = 'failed' AND failed_transiently
+             FROM keys WHERE server_id = $1",
         )
         .bind(server.0)
         .fetch_all(&self.pool)
@@ -164,6 +167,7 @@ impl Store {
                     subscription: sub_of(r, "subscription_id")?,
                     state: r.try_get("state")?,
                     server_key_id: r.try_get("server_key_id")?,
+                    failed_transiently: r.try_get(3)?,
                 })
             })
             .collect()

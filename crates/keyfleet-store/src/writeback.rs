@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Error, KeyWrite, Result, Store};
+use crate::{Error, KeyWrite, Result, Store, WriteOutcome};
 
 #[derive(Debug, Clone)]
 pub struct WriteBackConfig {
@@ -27,7 +27,7 @@ impl Default for WriteBackConfig {
     }
 }
 
-type Pending = (KeyWrite, oneshot::Sender<Result<bool>>);
+type Pending = (KeyWrite, oneshot::Sender<Result<WriteOutcome>>);
 
 /// Handle to the write-back task; cheap to clone. The task ends when every handle is dropped,
 /// after flushing what it holds.
@@ -53,9 +53,11 @@ impl WriteBack {
         (Self { tx }, task)
     }
 
-    /// Queues a result and waits until it is committed. `Ok(false)`: fenced out (a newer attempt
-    /// already wrote this key) or the key row is gone.
-    pub async fn write(&self, write: KeyWrite) -> Result<bool> {
+    /// Queues a result and waits until it is committed; the outcome says whether it was applied,
+    /// and if not, why (fenced out by a newer attempt, the key's state moved on, the row is gone).
+    /// `Err(Error::Rejected)`: the database refuses this result (a bad value, a constraint); the
+    /// other results of its batch are written all the same.
+    pub async fn write(&self, write: KeyWrite) -> Result<WriteOutcome> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send((write, done))
@@ -107,36 +109,150 @@ async fn flush(store: &Store, config: &WriteBackConfig, batch: &mut Vec<Pending>
             *slot = i;
         }
     }
+    let mut outcome: Vec<Option<Result<WriteOutcome>>> = batch
+        .iter()
+        .map(|(write, _)| {
+            let (sub, server) = write.key();
+            let winner = &batch[newest[&(sub.as_str().to_owned(), server.0)]].0;
+            Some(Ok(WriteOutcome::Fenced {
+                row_fence: winner.fence(),
+            }))
+        })
+        .collect();
     let mut winners: Vec<usize> = newest.into_values().collect();
     winners.sort_unstable();
     let writes: Vec<KeyWrite> = winners.iter().map(|&i| batch[i].0.clone()).collect();
-    let applied = loop {
-        match store.write_keys(&writes).await {
-            Ok(applied) => break Ok(applied),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, rows = writes.len(), "Write-back failed; retrying.");
-                tokio::time::sleep(config.retry_delay).await;
-            }
-            Err(e) => break Err(e),
-        }
-    };
-    let mut outcome: Vec<Option<Result<bool>>> =
-        (0..batch.len()).map(|_| Some(Ok(false))).collect();
-    match applied {
-        Ok(applied) => {
-            for (&i, ok) in winners.iter().zip(applied) {
-                outcome[i] = Some(Ok(ok));
-            }
-        }
-        Err(e) => {
-            let message = e.to_string();
-            tracing::error!(error = %message, rows = writes.len(), "Write-back rejected.");
-            for slot in &mut outcome {
-                *slot = Some(Err(Error::Rejected(message.clone())));
-            }
-        }
+    for (&i, result) in winners
+        .iter()
+        .zip(write_isolated(store, config, &writes).await)
+    {
+        outcome[i] = Some(result);
     }
     for ((_, done), result) in batch.drain(..).zip(outcome) {
         let _ = done.send(result.expect("one outcome per pending write"));
     }
+}
+
+/// Writes the batch in one transaction; if the database rejects it, writes each half in its own
+/// transaction, and so on down to single results, so one bad result fails alone and every other
+/// result is committed. A transient error (Postgres unreachable, a deadlock, ...) is retried with
+/// back-off, holding the part being written.
+async fn write_isolated(
+    store: &Store,
+    config: &WriteBackConfig,
+    writes: &[KeyWrite],
+) -> Vec<Result<WriteOutcome>> {
+    let mut results: Vec<Option<Result<WriteOutcome>>> = writes.iter().map(|_| None).collect();
+    // Ranges of `writes` still to write.
+    let mut parts = Vec::new();
+    parts.push(0..writes.len());
+    while let Some(part) = parts.pop() {
+        if part.is_empty() {
+            continue;
+        }
+        let rejected = loop {
+            match store.write_keys(&writes[part.clone()]).await {
+                Ok(applied) => {
+                    for (slot, ok) in results[part.clone()].iter_mut().zip(applied) {
+                        *slot = Some(Ok(ok));
+                    }
+                    break None;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, rows = part.len(), "Write-back failed; retrying.");
+                    tokio::time::sleep(config.retry_delay).await;
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        let Some(e) = rejected else { continue };
+        if part.len() == 1 {
+            let message = rejection(&writes[part.start], &e);
+            tracing::error!(error = %message, "Write-back rejected a result.");
+            results[part.start] = Some(Err(Error::Rejected(message)));
+        } else {
+            tracing::warn!(
+                error = %redacted(&e.to_string(), &writes[part.clone()]),
+                rows = part.len(),
+                "Write-back rejected a batch; writing its halves apart."
+            );
+            let middle = part.start + part.len() / 2;
+            // Popped first: the results are written in order.
+            parts.push(middle..part.end);
+            parts.push(part.start..middle);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every part written or rejected"))
+        .collect()
+}
+
+/// What the database refused in one result, without its secrets: a link is a credential, so no
+/// link's text ever appears in the message.
+fn rejection(write: &KeyWrite, e: &Error) -> String {
+    let (sub, server) = write.key();
+    let what = match write {
+        KeyWrite::Created { .. } => "created key",
+        KeyWrite::Failed { .. } => "failure",
+        KeyWrite::Deleted { .. } => "deletion",
+        KeyWrite::ConfigSynced { .. } => "synced config",
+        KeyWrite::Lost { .. } => "lost key",
+    };
+    let reason = match e {
+        Error::Db(sqlx::Error::Database(db)) => {
+            let code = db.code().unwrap_or_default().into_owned();
+            let nul_in: Vec<&str> = fields(write)
+                .into_iter()
+                .filter(|(_, value)| value.contains('\0'))
+                .map(|(name, _)| name)
+                .collect();
+            let detail = if code == "22021" && !nul_in.is_empty() {
+                format!("the {} contains a NUL byte", nul_in.join(" and the "))
+            } else if db.constraint() == Some("keys_server_key_id_unique") {
+                "its server key id is held by another live key of the server, written by a newer \
+                 attempt (constraint keys_server_key_id_unique)"
+                    .to_owned()
+            } else {
+                match db.constraint() {
+                    Some(constraint) => format!("{} (constraint {constraint})", db.message()),
+                    None => db.message().to_owned(),
+                }
+            };
+            format!("SQLSTATE {code}: {detail}")
+        }
+        other => other.to_string(),
+    };
+    redacted(
+        &format!("Postgres rejected the {what} of subscription {sub} on server {server}: {reason}"),
+        std::slice::from_ref(write),
+    )
+}
+
+/// The text fields of a result, by name.
+fn fields(write: &KeyWrite) -> Vec<(&'static str, &str)> {
+    match write {
+        KeyWrite::Created {
+            server_key_id,
+            link,
+            ..
+        } => vec![("server key id", server_key_id), ("link", link)],
+        KeyWrite::Failed { error, .. } => vec![("error", error)],
+        KeyWrite::ConfigSynced { link, .. } => vec![("link", link)],
+        KeyWrite::Deleted { .. } | KeyWrite::Lost { .. } => vec![],
+    }
+}
+
+/// A message with the text of every link of `writes` it might quote taken out.
+fn redacted(message: &str, writes: &[KeyWrite]) -> String {
+    let mut message = message.to_owned();
+    for write in writes {
+        if let KeyWrite::Created { link, .. } | KeyWrite::ConfigSynced { link, .. } = write
+            && !link.is_empty()
+            && message.contains(link.as_str())
+        {
+            message = message.replace(link.as_str(), "(link)");
+        }
+    }
+    message
 }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use apalis_core::{error::BoxDynError, task::data::Data};
 use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, ServerKind, SubscriptionId};
 use keyfleet_queue::{ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff};
-use keyfleet_store::{KeyWrite, Store, TrafficKind, WriteBack};
+use keyfleet_store::{KeyWrite, Store, TrafficKind, WriteBack, WriteOutcome};
 use keyfleet_vpn::VpnClient;
 use tokio::time::Instant;
 
@@ -373,9 +373,9 @@ impl Executor {
         write: KeyWrite,
     ) -> Finish {
         match self.writeback.write(write).await {
-            Ok(true) => Finish::Done,
-            Ok(false) => {
-                tracing::info!(job = %payload.kind(), "Result not written: a newer attempt wrote this key, or its state moved on.");
+            Ok(WriteOutcome::Applied) => Finish::Done,
+            Ok(outcome) => {
+                tracing::info!(job = %payload.kind(), ?outcome, "Result not written: a newer attempt wrote this key, or its state moved on.");
                 Finish::Done
             }
             Err(e) => self.failed(job, payload, JobError::from(e)).await,
@@ -405,7 +405,8 @@ impl Executor {
                 server_fault,
             };
         }
-        let error = if failure.is_retryable() {
+        let transient = failure.is_retryable();
+        let error = if transient {
             format!(
                 "gave up after {} attempts: {}",
                 job.attempt, failure.message
@@ -424,6 +425,7 @@ impl Executor {
                 server: *server,
                 fence: job.fence,
                 error: error.clone(),
+                transient,
             };
             if let Err(e) = self.writeback.write(write).await {
                 tracing::warn!(error = %e, "Could not record the failure on the key row.");

@@ -157,6 +157,7 @@ fn record_buried(writeback: WriteBack) -> impl Fn(BuriedJob) + Send + 'static {
                     server,
                     fence: job.fence,
                     error: job.error,
+                    transient: false,
                 };
                 if let Err(error) = writeback.write(write).await {
                     tracing::warn!(%error, "Could not record a reaped job's failure on its key.");
