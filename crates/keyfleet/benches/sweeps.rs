@@ -598,7 +598,12 @@ async fn batched(
         let writeback = writeback.clone();
         move |n| {
             let writeback = writeback.clone();
-            async move { Ok(writeback.write(created(&sub(n), server, n as i64)).await?) }
+            async move {
+                Ok(writeback
+                    .write(created(&sub(n), server, n as i64))
+                    .await?
+                    .is_applied())
+            }
         }
     })
     .await?;

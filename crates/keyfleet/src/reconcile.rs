@@ -89,6 +89,7 @@ mod tests {
             subscription: sub(s),
             state: state.into(),
             server_key_id: id.map(Into::into),
+            failed_transiently: false,
         }
     }
 
