@@ -261,10 +261,11 @@ impl Store {
         let rounds = create_rounds(batch);
         let mut groups: BTreeMap<(usize, usize), Unnested> = BTreeMap::new();
         for (i, write) in batch.iter().enumerate() {
-            let (sub, server) = write.key();
-            let (statement, a, b, n) = write.columns();
-            let g = groups.entry((statement, rounds[i])).or_default();
-            g.push(i, sub, server, write.fence(), a, b, n);
+            let statement = write.columns().0;
+            groups
+                .entry((statement, rounds[i]))
+                .or_default()
+                .push(i, write);
         }
         let mut applied = vec![false; batch.len()];
         let mut tx = self.pool.begin().await?;
@@ -381,21 +382,14 @@ struct Unnested {
 }
 
 impl Unnested {
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        idx: usize,
-        sub: &SubscriptionId,
-        server: ServerId,
-        fence: i64,
-        a: &str,
-        b: &str,
-        n: i64,
-    ) {
+    /// Adds `write`, the `idx`-th of its batch.
+    fn push(&mut self, idx: usize, write: &KeyWrite) {
+        let (sub, server) = write.key();
+        let (_, a, b, n) = write.columns();
         self.index.push(idx as i32);
         self.subscriptions.push(sub.as_str().to_owned());
         self.servers.push(server.0);
-        self.fences.push(fence);
+        self.fences.push(write.fence());
         self.a.push(a.to_owned());
         self.b.push(b.to_owned());
         self.n.push(n);

@@ -256,3 +256,31 @@ fn redacted(message: &str, writes: &[KeyWrite]) -> String {
     }
     message
 }
+
+#[cfg(test)]
+mod tests {
+    use keyfleet_core::{ServerId, SubscriptionId};
+
+    use super::*;
+
+    #[test]
+    fn a_rejection_never_quotes_a_link() {
+        let link = "vless://0f6c@secret.example:443?pbk=abc";
+        let write = KeyWrite::Created {
+            subscription: SubscriptionId::parse("alice").unwrap(),
+            server: ServerId(3),
+            fence: 1,
+            server_key_id: "0f6c".into(),
+            link: link.into(),
+        };
+        let e = Error::Db(sqlx::Error::Protocol(format!("bad value {link:?}")));
+        let message = rejection(&write, &e);
+        assert!(!message.contains(link), "{message}");
+        assert!(message.contains("(link)"), "{message}");
+        assert!(
+            message.contains("alice") && message.contains("server 3"),
+            "{message}"
+        );
+        assert_eq!(redacted("no link here", &[write]), "no link here");
+    }
+}
