@@ -22,6 +22,7 @@ use crate::{
     api::Api,
     endpoint::{Call, Endpoint},
     faults::Faults,
+    hold::{Hold, Holds},
     meter::Meter,
     net::{Net, wait_closing},
     outline::OutlineServer,
@@ -60,6 +61,7 @@ struct Inner {
     api: Box<dyn Api>,
     meter: Meter,
     faults: Faults,
+    holds: Holds,
     rng: Mutex<StdRng>,
     /// Creates take turns while `create_latency_per_key` applies.
     create_turn: tokio::sync::Mutex<()>,
@@ -95,6 +97,7 @@ impl FakeServer {
             api,
             meter: Meter::new(),
             faults: Faults::default(),
+            holds: Holds::default(),
             create_turn: tokio::sync::Mutex::new(()),
             closing,
         });
@@ -145,6 +148,14 @@ impl FakeServer {
     /// that fail auth (401 / wrong prefix) take no fault.
     pub fn inject(&self, endpoint: Option<Endpoint>, fault: Fault, times: u32) {
         self.inner().faults.inject(endpoint, fault, times);
+    }
+
+    /// Parks every request to `endpoint` that arrives from now until the hold is released or
+    /// dropped: it is counted and in flight, and waits after its latency and right before its
+    /// operation (and after its fault was drawn, so a `Status` fault answers after the release
+    /// without acting). Like faults, requests that fail auth are not held. See [`Hold`].
+    pub fn hold(&self, endpoint: Endpoint) -> Hold {
+        self.inner().holds.add(endpoint)
     }
 
     pub fn set_fault_rates(&self, rates: FaultRates) {
@@ -248,6 +259,9 @@ impl Inner {
         };
         let body = axum::body::to_bytes(body, BODY_LIMIT).await;
         self.hold(delay).await;
+        if authorized {
+            self.holds.pass(call.endpoint, &self.closing).await;
+        }
         let response = match body {
             _ if !authorized => self.api.unauthorized(),
             Ok(body) => self.respond(&call, &body, fault).await,

@@ -1,6 +1,7 @@
 //! Drives the fake servers over real HTTP(S) with reqwest and checks what they recorded.
 
 mod faults;
+mod hold;
 mod outline;
 mod server;
 mod v2ray;
