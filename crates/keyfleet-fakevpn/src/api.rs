@@ -25,6 +25,8 @@ pub(crate) trait Api: Send + Sync + 'static {
     fn unauthorized(&self) -> Response;
     fn error(&self, status: StatusCode, message: &str) -> Response;
     fn handle(&self, call: &Call, body: &[u8], meter: &Meter) -> Response;
+    /// The JSON field that carries a share link in this API's responses.
+    fn link_field(&self) -> &'static str;
 
     fn user_count(&self) -> usize;
     fn users(&self) -> Vec<FakeUser>;

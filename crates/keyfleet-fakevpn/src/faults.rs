@@ -22,6 +22,25 @@ pub enum Fault {
     TooManyRequests { retry_after_secs: u64 },
     /// Do the operation, then answer 2xx with a body that is not valid JSON.
     MalformedBody,
+    /// Answer 200, without doing the operation, with a body of `bytes` bytes (`[` then spaces, a
+    /// prefix of JSON) streamed without `Content-Length`. `u64::MAX` never ends: the client has to
+    /// cut it off. The request stays in flight until the body ends or the client goes away.
+    OversizedBody { bytes: u64 },
+    /// Do the operation, then answer its 2xx JSON with `text` inserted at byte `offset` (clamped to
+    /// the length, moved back to a character boundary) of the first string field named `field`, in
+    /// document order: in a list, the first entry that has one. No such field: the body is as is.
+    InsertIntoField {
+        field: String,
+        offset: usize,
+        text: String,
+    },
+    /// [`Fault::InsertIntoField`] of a NUL byte into the share link: `link` (V2Ray get link) or
+    /// `accessUrl` (Outline keys).
+    NulInLink { offset: usize },
+    /// Answer this status, without doing the operation, with a body like a debug error page: it
+    /// echoes the request line with the full path (an Outline secret prefix), the `X-API-Key`
+    /// header and the first user's share link (a made-up one if there is none).
+    EchoSecrets(u16),
 }
 
 /// Per-request fault probabilities in `[0, 1]`, drawn with the server's seeded RNG. The

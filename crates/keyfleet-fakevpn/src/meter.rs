@@ -1,4 +1,4 @@
-use std::{collections::BTreeMap, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use parking_lot::Mutex;
 
@@ -86,7 +86,7 @@ impl Meter {
     }
 
     /// Counts a request and keeps it in flight until the returned guard drops.
-    pub fn arrive(&self, endpoint: Endpoint) -> Visit<'_> {
+    pub fn arrive(self: &Arc<Self>, endpoint: Endpoint) -> Visit {
         let at_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut state = self.state.lock();
         let epoch = state.epoch;
@@ -104,7 +104,7 @@ impl Meter {
             (epoch, snap.log.len() - 1)
         });
         Visit {
-            meter: self,
+            meter: Arc::clone(self),
             slot,
             status: 0,
         }
@@ -144,19 +144,19 @@ impl Meter {
 }
 
 /// A request in flight; dropping it (answered or cancelled) takes it out.
-pub(crate) struct Visit<'a> {
-    meter: &'a Meter,
+pub(crate) struct Visit {
+    meter: Arc<Meter>,
     slot: Option<(u64, usize)>,
     status: u16,
 }
 
-impl Visit<'_> {
+impl Visit {
     pub fn answered(&mut self, status: u16) {
         self.status = status;
     }
 }
 
-impl Drop for Visit<'_> {
+impl Drop for Visit {
     fn drop(&mut self) {
         let mut state = self.meter.state.lock();
         state.snap.in_flight = state.snap.in_flight.saturating_sub(1);
@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn counts_peak_and_survives_reset_while_in_flight() {
-        let meter = Meter::new();
+        let meter = Arc::new(Meter::new());
         let mut a = meter.arrive(Endpoint::ListUsers);
         let b = meter.arrive(Endpoint::CreateUser);
         a.answered(200);

@@ -385,6 +385,10 @@ impl Api for OutlineServer {
         }
     }
 
+    fn link_field(&self) -> &'static str {
+        "accessUrl"
+    }
+
     fn user_count(&self) -> usize {
         self.state.lock().keys.len()
     }

@@ -1,6 +1,13 @@
 //! One fake server: the request pipeline (meter, auth, latency, faults) and the public handle.
 
-use std::{fmt, io, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    fmt, io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -9,9 +16,11 @@ use axum::{
     http::{
         HeaderValue, StatusCode,
         header::{CONTENT_TYPE, RETRY_AFTER},
+        request::Parts,
     },
     response::Response,
 };
+use hyper::body::Frame;
 use keyfleet_core::ServerKind;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng, distr::Alphanumeric, rngs::StdRng};
@@ -23,7 +32,7 @@ use crate::{
     endpoint::{Call, Endpoint},
     faults::Faults,
     hold::{Hold, Holds},
-    meter::Meter,
+    meter::{Meter, Visit},
     net::{Net, wait_closing},
     outline::OutlineServer,
     tls,
@@ -59,7 +68,7 @@ impl Drop for Shared {
 struct Inner {
     config: FakeServerConfig,
     api: Box<dyn Api>,
-    meter: Meter,
+    meter: Arc<Meter>,
     faults: Faults,
     holds: Holds,
     rng: Mutex<StdRng>,
@@ -95,7 +104,7 @@ impl FakeServer {
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             config,
             api,
-            meter: Meter::new(),
+            meter: Arc::new(Meter::new()),
             faults: Faults::default(),
             holds: Holds::default(),
             create_turn: tokio::sync::Mutex::new(()),
@@ -262,19 +271,36 @@ impl Inner {
         if authorized {
             self.holds.pass(call.endpoint, &self.closing).await;
         }
+        let streams = matches!(fault, Some(Fault::OversizedBody { .. }));
         let response = match body {
             _ if !authorized => self.api.unauthorized(),
-            Ok(body) => self.respond(&call, &body, fault).await,
+            Ok(body) => self.respond(&parts, &call, &body, fault).await,
             Err(error) => self.api.error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("Could not read the body: {error}"),
             ),
         };
         visit.answered(response.status().as_u16());
+        if streams {
+            let (parts, body) = response.into_parts();
+            return Response::from_parts(
+                parts,
+                Body::new(InFlight {
+                    body,
+                    _visit: visit,
+                }),
+            );
+        }
         response
     }
 
-    async fn respond(&self, call: &Call, body: &[u8], fault: Option<Fault>) -> Response {
+    async fn respond(
+        &self,
+        request: &Parts,
+        call: &Call,
+        body: &[u8],
+        fault: Option<Fault>,
+    ) -> Response {
         let Some(fault) = fault else {
             return self.perform(call, body).await;
         };
@@ -309,6 +335,38 @@ impl Inner {
                 self.api.error(StatusCode::GATEWAY_TIMEOUT, "Timed out")
             }
             Fault::MalformedBody => malformed(self.perform(call, body).await).await,
+            Fault::OversizedBody { bytes } => Response::builder()
+                .header(CONTENT_TYPE, "application/json")
+                .body(Body::new(Filler::new(bytes)))
+                .expect("a valid response"),
+            Fault::InsertIntoField {
+                field,
+                offset,
+                text,
+            } => insert_into_field(self.perform(call, body).await, &field, offset, &text).await,
+            Fault::NulInLink { offset } => {
+                let response = self.perform(call, body).await;
+                insert_into_field(response, self.api.link_field(), offset, "\0").await
+            }
+            Fault::EchoSecrets(code) => {
+                let link = self.api.users().into_iter().next().map_or_else(
+                    || {
+                        "vless://00000000-0000-0000-0000-000000000000@127.0.0.1:443?type=tcp#x"
+                            .to_owned()
+                    },
+                    |u| u.link,
+                );
+                let key = request
+                    .headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let page = format!(
+                    "Traceback: error handling {} {} (X-API-Key: {key}); last link issued: {link}",
+                    request.method, request.uri
+                );
+                self.api.error(status(code), &page)
+            }
         }
     }
 
@@ -361,6 +419,104 @@ async fn malformed(response: Response) -> Response {
         .headers
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Response::from_parts(parts, Body::from(cut))
+}
+
+/// A response body that keeps its request in flight (in the meter) until it ends or is dropped.
+struct InFlight {
+    body: Body,
+    _visit: Visit,
+}
+
+impl hyper::body::Body for InFlight {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+}
+
+/// `[` and then spaces, `remaining` bytes in all, in 64 KiB chunks.
+struct Filler {
+    remaining: u64,
+    started: bool,
+    chunk: Bytes,
+}
+
+impl Filler {
+    fn new(bytes: u64) -> Self {
+        Self {
+            remaining: bytes,
+            started: false,
+            chunk: Bytes::from(vec![b' '; 64 * 1024]),
+        }
+    }
+}
+
+impl hyper::body::Body for Filler {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let data = if self.started {
+            let n = usize::try_from(self.remaining)
+                .map_or(self.chunk.len(), |r| r.min(self.chunk.len()));
+            self.chunk.slice(..n)
+        } else {
+            self.started = true;
+            Bytes::from_static(b"[")
+        };
+        self.remaining -= data.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+/// The 2xx JSON response with `text` inserted into the first string field named `field`.
+async fn insert_into_field(response: Response, field: &str, offset: usize, text: &str) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    if let Some(value) = first_string_field(&mut json, field) {
+        let mut at = offset.min(value.len());
+        while !value.is_char_boundary(at) {
+            at -= 1;
+        }
+        value.insert_str(at, text);
+    }
+    let body = serde_json::to_vec(&json).expect("a JSON value serialises");
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn first_string_field<'v>(value: &'v mut serde_json::Value, field: &str) -> Option<&'v mut String> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if matches!(map.get(field), Some(serde_json::Value::String(_))) {
+                return match map.get_mut(field) {
+                    Some(serde_json::Value::String(s)) => Some(s),
+                    _ => None,
+                };
+            }
+            map.values_mut().find_map(|v| first_string_field(v, field))
+        }
+        serde_json::Value::Array(items) => {
+            items.iter_mut().find_map(|v| first_string_field(v, field))
+        }
+        _ => None,
+    }
 }
 
 fn random_token(len: usize) -> String {

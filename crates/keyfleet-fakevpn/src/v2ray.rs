@@ -251,6 +251,10 @@ impl Api for V2rayPanel {
         }
     }
 
+    fn link_field(&self) -> &'static str {
+        "link"
+    }
+
     fn user_count(&self) -> usize {
         self.state.lock().users.len()
     }

@@ -168,3 +168,125 @@ async fn half_the_requests_fail_at_rate_one_half() {
     }
     assert!((70..=130).contains(&failed), "{failed}");
 }
+
+#[tokio::test]
+async fn oversized_body_streams_its_bytes_and_stays_in_flight_until_done() {
+    let server = FakeServer::start(FakeServerConfig::v2ray()).await.unwrap();
+    server.inject(
+        Some(Endpoint::ListUsers),
+        Fault::OversizedBody { bytes: 1_000_000 },
+        1,
+    );
+    let response = v2ray(&server, Method::GET, "/api/users")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.content_length(), None);
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.len(), 1_000_000);
+    assert!(body.starts_with(b"[ "));
+
+    // An endless body: the request is in flight while the client reads, and leaves when it stops.
+    server.inject(
+        Some(Endpoint::ListUsers),
+        Fault::OversizedBody { bytes: u64::MAX },
+        1,
+    );
+    let mut response = v2ray(&server, Method::GET, "/api/users")
+        .send()
+        .await
+        .unwrap();
+    let mut read = 0;
+    while read < 4_000_000 {
+        read += response.chunk().await.unwrap().unwrap().len();
+    }
+    assert_eq!(server.meter().in_flight, 1);
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.meter().in_flight != 0 {
+        assert!(Instant::now() < deadline, "the endless body never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn text_faults_corrupt_one_field_of_the_real_answer() {
+    let server = FakeServer::start(FakeServerConfig::v2ray()).await.unwrap();
+    let first = json_of(create_user(&server, "kf-a@x").await).await;
+    create_user(&server, "kf-b@x").await;
+    let uuid = first["uuid"].as_str().unwrap();
+
+    server.inject(Some(Endpoint::GetLink), Fault::NulInLink { offset: 17 }, 1);
+    let path = format!("/api/keys/{uuid}/link");
+    let link = json_of(v2ray(&server, Method::GET, &path).send().await.unwrap()).await;
+    let link = link["link"].as_str().unwrap();
+    assert_eq!(link.find('\0'), Some(17));
+    assert_eq!(link.replace('\0', ""), server.users()[0].link);
+
+    server.inject(
+        Some(Endpoint::ListUsers),
+        Fault::InsertIntoField {
+            field: "uuid".into(),
+            offset: 0,
+            text: "\u{7}".into(),
+        },
+        1,
+    );
+    let list = json_of(
+        v2ray(&server, Method::GET, "/api/users")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(list[0]["uuid"], format!("\u{7}{uuid}"));
+    assert_eq!(list[1]["uuid"], server.users()[1].id);
+
+    let outline_server = FakeServer::start(FakeServerConfig::outline())
+        .await
+        .unwrap();
+    outline_server.inject(
+        Some(Endpoint::CreateKeyPost),
+        Fault::NulInLink { offset: usize::MAX },
+        1,
+    );
+    let key = json_of(
+        outline(&outline_server, Method::POST, "/access-keys")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(key["accessUrl"].as_str().unwrap().ends_with("outline=1\0"));
+    assert_eq!(outline_server.users().len(), 1);
+}
+
+#[tokio::test]
+async fn echo_secrets_answers_an_error_page_with_the_key_the_path_and_a_link() {
+    let server = FakeServer::start(FakeServerConfig::v2ray()).await.unwrap();
+    create_user(&server, "kf-a@x").await;
+    server.inject(None, Fault::EchoSecrets(500), 1);
+    let response = v2ray(&server, Method::GET, "/api/users")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let page = response.text().await.unwrap();
+    assert!(page.contains(&server.api_key().unwrap()), "{page}");
+    assert!(page.contains(&server.users()[0].link), "{page}");
+
+    let server = FakeServer::start(FakeServerConfig::outline())
+        .await
+        .unwrap();
+    server.inject(None, Fault::EchoSecrets(503), 1);
+    let response = outline(&server, Method::GET, "/server")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let page = response.text().await.unwrap();
+    let prefix = server.api_url().rsplit('/').next().unwrap().to_owned();
+    assert!(page.contains(&format!("/{prefix}/server")), "{page}");
+    assert!(page.contains("vless://"), "{page}");
+}
