@@ -14,9 +14,12 @@ pub struct FakeServerConfig {
     pub create_latency_per_key: Duration,
     /// What a V2Ray create with an email that already exists does.
     pub duplicate_policy: DuplicatePolicy,
-    /// Reported by Outline's `GET /server`. Below 1.8.0, `PUT /access-keys/{id}` and
-    /// `GET /access-keys/{id}` answer 404 like an old server.
+    /// Reported by Outline's `GET /server`. Below 1.8.0 (unless `outline_key_ids` says otherwise),
+    /// `PUT /access-keys/{id}` and `GET /access-keys/{id}` answer 405 like an old server.
     pub outline_version: String,
+    /// Whether Outline has `PUT`/`GET /access-keys/{id}`; `None`: as `outline_version` says. A
+    /// server built from source reports `"dev"` whatever it has.
+    pub outline_key_ids: Option<bool>,
     /// Seed of the RNG behind latency and probabilistic faults.
     pub seed: u64,
 }
@@ -29,6 +32,7 @@ impl FakeServerConfig {
             create_latency_per_key: Duration::ZERO,
             duplicate_policy: DuplicatePolicy::Conflict409,
             outline_version: "1.9.0".to_owned(),
+            outline_key_ids: None,
             seed: 0,
         }
     }
@@ -70,9 +74,20 @@ impl FakeServerConfig {
         }
     }
 
-    /// Whether the configured Outline version has `PUT`/`GET /access-keys/{id}` (>= 1.8.0).
+    /// Says whether Outline has `PUT`/`GET /access-keys/{id}`, whatever the version reads.
+    pub fn with_outline_key_ids(self, key_ids: bool) -> Self {
+        Self {
+            outline_key_ids: Some(key_ids),
+            ..self
+        }
+    }
+
+    /// Whether Outline has `PUT`/`GET /access-keys/{id}`: as set, else by the version (>= 1.8.0).
     /// A version that does not parse counts as new.
     pub(crate) fn outline_has_key_ids(&self) -> bool {
+        if let Some(key_ids) = self.outline_key_ids {
+            return key_ids;
+        }
         let mut parts = self
             .outline_version
             .trim()
@@ -212,5 +227,8 @@ mod tests {
         assert!(!with("1.7.2"));
         assert!(!with("1"));
         assert!(with("garbage"));
+        let dev = FakeServerConfig::outline().with_outline_version("dev");
+        assert!(dev.clone().with_outline_key_ids(true).outline_has_key_ids());
+        assert!(!dev.with_outline_key_ids(false).outline_has_key_ids());
     }
 }

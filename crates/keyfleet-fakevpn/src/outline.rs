@@ -122,13 +122,30 @@ impl OutlineServer {
         )
     }
 
-    /// What a server older than 1.8.0 answers for the id-addressed calls it does not have.
+    /// What restify answers for a path no route has (and so for every wrong secret prefix).
     fn no_such_route(&self) -> Response {
         (
             StatusCode::NOT_FOUND,
             Json(json!({"code": "ResourceNotFound", "message": "Route does not exist"})),
         )
             .into_response()
+    }
+
+    /// What a server older than 1.8.0 (restify) answers for `GET`/`PUT /access-keys/{id}`: the
+    /// path exists for `DELETE`, not for this method.
+    fn method_not_allowed(&self, method: &Method) -> Response {
+        let mut response = (
+            StatusCode::METHOD_NOT_ALLOWED,
+            Json(
+                json!({"code": "MethodNotAllowed", "message": format!("{method} is not allowed")}),
+            ),
+        )
+            .into_response();
+        response.headers_mut().insert(
+            axum::http::header::ALLOW,
+            axum::http::HeaderValue::from_static("DELETE"),
+        );
+        response
     }
 
     fn server_info(&self) -> Response {
@@ -373,7 +390,9 @@ impl Api for OutlineServer {
         match call.endpoint {
             Endpoint::ServerInfo => self.server_info(),
             Endpoint::CreateKeyPost => self.create(None, body, meter),
-            Endpoint::CreateKeyPut | Endpoint::GetKey if !self.has_key_ids => self.no_such_route(),
+            Endpoint::CreateKeyPut | Endpoint::GetKey if !self.has_key_ids => {
+                self.method_not_allowed(&call.method)
+            }
             Endpoint::CreateKeyPut => self.create(Some(&call.id), body, meter),
             Endpoint::GetKey => self.get_key(&call.id),
             Endpoint::ListKeys => self.list(),

@@ -219,14 +219,43 @@ async fn old_servers_have_no_put_or_get_by_id() {
         .send()
         .await
         .unwrap();
-    assert_eq!(put.status(), StatusCode::NOT_FOUND);
+    assert_eq!(put.status(), StatusCode::METHOD_NOT_ALLOWED);
     let id = server.add_foreign_user("x");
     let get = outline(&server, Method::GET, &format!("/access-keys/{id}"))
         .send()
         .await
         .unwrap();
-    assert_eq!(get.status(), StatusCode::NOT_FOUND);
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(json_of(get).await["code"], "MethodNotAllowed");
     assert_eq!(server.meter().current_users, 1);
+}
+
+#[tokio::test]
+async fn a_dev_build_reports_dev_whatever_its_api_has() {
+    for key_ids in [true, false] {
+        let config = FakeServerConfig::outline()
+            .with_outline_version("dev")
+            .with_outline_key_ids(key_ids);
+        let server = FakeServer::start(config).await.unwrap();
+        let info = json_of(
+            outline(&server, Method::GET, "/server")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(info["version"], "dev");
+        let get = outline(&server, Method::GET, "/access-keys/nope")
+            .send()
+            .await
+            .unwrap();
+        let expected = if key_ids {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::METHOD_NOT_ALLOWED
+        };
+        assert_eq!(get.status(), expected);
+    }
 }
 
 #[tokio::test]
