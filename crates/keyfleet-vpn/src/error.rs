@@ -84,6 +84,26 @@ pub enum Error {
         detail: String,
     },
 
+    /// A 2xx body longer than `ClientConfig::max_body_bytes`; it was cut off, not read.
+    #[error(
+        "{server}: the response of {endpoint} is larger than the {limit}-byte limit \
+         (ClientConfig::max_body_bytes); not read further"
+    )]
+    BodyTooLarge {
+        server: String,
+        endpoint: String,
+        limit: usize,
+    },
+
+    /// Text in a response that keyfleet will not store or act on (see `crate::text`): a control
+    /// character or NUL byte, or over a size limit. `detail` says what and where, never the text.
+    #[error("{server}: {endpoint}: {detail}")]
+    InvalidText {
+        server: String,
+        endpoint: String,
+        detail: String,
+    },
+
     #[error(
         "{server}: key id {id:?} is taken by a key keyfleet did not create; \
          rename or delete that key on the server"
@@ -105,7 +125,10 @@ impl Error {
     /// Permanent: bad configuration, certificate pin mismatch, other TLS handshake failures (a
     /// protocol-level TLS error means the server speaks something else or is not who it claims to
     /// be; resets during the handshake are `Connect`), 401/403, other 4xx, responses that do not
-    /// decode, a foreign key at our id, and a conflict or not-found nothing handled.
+    /// decode or carry invalid text, a foreign key at our id, and a conflict or not-found nothing
+    /// handled. A body over the size limit is permanent too: the server answers the same next
+    /// time (a list does not shrink by itself) and each retry would download the limit again;
+    /// an operator raises `max_body_bytes` or looks at the server.
     pub fn class(&self) -> FailureClass {
         match self {
             Self::Connect { .. }
@@ -123,6 +146,8 @@ impl Error {
             | Self::NotFound { .. }
             | Self::BadRequest { .. }
             | Self::Decode { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::InvalidText { .. }
             | Self::ForeignKey { .. } => FailureClass::Permanent,
         }
     }
@@ -246,6 +271,16 @@ mod tests {
             Error::ForeignKey {
                 server: s(),
                 id: "kf-a".into(),
+            },
+            Error::BodyTooLarge {
+                server: s(),
+                endpoint: "GET /api/users".into(),
+                limit: 10,
+            },
+            Error::InvalidText {
+                server: s(),
+                endpoint: "GET /access-keys".into(),
+                detail: "x".into(),
             },
         ];
         for e in permanent {

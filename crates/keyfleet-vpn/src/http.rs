@@ -19,6 +19,16 @@ use crate::{
 /// How much of an error body goes into an error message.
 const BODY_EXCERPT_CHARS: usize = 200;
 
+/// How much of a non-2xx body is read: far more than an excerpt needs; the rest is not read and
+/// the connection is dropped instead of reused.
+const ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// What replaces a secret in an excerpt.
+const REDACTED: &str = "<redacted>";
+
+/// Share-link schemes: a link is a credential, so none may appear in a message.
+const LINK_SCHEMES: [&str; 5] = ["vless", "vmess", "ss", "trojan", "ssconf"];
+
 /// `scheme://host:port/…`: where a server is, without credentials, path (an Outline secret
 /// prefix), query or fragment.
 pub fn redact_url(url: &Url) -> String {
@@ -52,8 +62,10 @@ pub(crate) struct Http {
     base: Url,
     /// The redacted base URL, used in every error and log line.
     server: String,
-    /// Strings that must never appear in a message: the full base URL and its path.
+    /// Strings that must never appear in a message: the full base URL, its path (an Outline
+    /// secret prefix) and the sensitive header values (the V2Ray API key).
     secrets: Vec<String>,
+    max_body_bytes: usize,
     /// The pinned fingerprint as printed in errors.
     pin_hex: Option<String>,
 }
@@ -84,7 +96,7 @@ impl Http {
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("keyfleet/", env!("CARGO_PKG_VERSION")))
-            .default_headers(headers);
+            .default_headers(headers.clone());
         if let Some(pin) = pin {
             let tls = pinned_config(pin).map_err(|e| Error::Config {
                 reason: format!("cannot build the TLS configuration for {server}: {e}"),
@@ -100,11 +112,22 @@ impl Http {
         if !path.is_empty() {
             secrets.push(path.to_owned());
         }
+        secrets.extend(
+            headers
+                .values()
+                .filter(|v| v.is_sensitive())
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty()),
+        );
+        // Longest first, so a secret that contains another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Ok(Self {
             client,
             base,
             server,
             secrets,
+            max_body_bytes: config.max_body_bytes,
             pin_hex: pin.as_ref().map(fingerprint_hex),
         })
     }
@@ -157,11 +180,7 @@ impl Http {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body: Vec<u8> = response
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&endpoint, &e))?
-            .into();
+        let body = self.read_body(response, &endpoint).await?;
         tracing::debug!(
             server = %self.server,
             endpoint = %endpoint,
@@ -175,6 +194,44 @@ impl Http {
             endpoint,
             retry_after,
         })
+    }
+
+    /// The body, read chunk by chunk so that one over the cap is cut off instead of buffered: a
+    /// 2xx body over `max_body_bytes` is [`Error::BodyTooLarge`]; a non-2xx body is only needed
+    /// for an excerpt, so it is cut at [`ERROR_BODY_BYTES`] and the status still decides.
+    async fn read_body(&self, mut response: reqwest::Response, endpoint: &str) -> Result<Vec<u8>> {
+        let success = response.status().is_success();
+        let cap = if success {
+            self.max_body_bytes
+        } else {
+            ERROR_BODY_BYTES.min(self.max_body_bytes)
+        };
+        let too_large = || Error::BodyTooLarge {
+            server: self.server.clone(),
+            endpoint: endpoint.to_owned(),
+            limit: self.max_body_bytes,
+        };
+        let announced = response.content_length();
+        if success && announced.is_some_and(|n| n > cap as u64) {
+            return Err(too_large());
+        }
+        let mut body = Vec::with_capacity(announced.map_or(0, |n| n.min(cap as u64) as usize));
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(endpoint, &e))?
+        {
+            let room = cap - body.len();
+            if chunk.len() > room {
+                if success {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk[..room]);
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     /// The reply if its status is a success, else the error its status means.
@@ -264,17 +321,58 @@ impl Http {
         }
     }
 
-    /// At most [`BODY_EXCERPT_CHARS`] characters of `text`, with the secret URL parts removed.
-    fn excerpt(&self, text: &str) -> String {
+    /// At most [`BODY_EXCERPT_CHARS`] characters of `text`, with the secrets (URL path, API key)
+    /// and every share link replaced by [`REDACTED`]. Redacts before it cuts, so no secret is
+    /// left half-visible.
+    pub(crate) fn excerpt(&self, text: &str) -> String {
         let mut text = text.trim().to_owned();
         for secret in &self.secrets {
-            text = text.replace(secret.as_str(), "…");
+            text = text.replace(secret.as_str(), REDACTED);
         }
+        let text = redact_links(&text);
         match text.char_indices().nth(BODY_EXCERPT_CHARS) {
             Some((cut, _)) => format!("{}…", &text[..cut]),
             None => text,
         }
     }
+}
+
+/// `text` with every share link (`vless://…`, also JSON-escaped `vless:\/\/…`) replaced by
+/// [`REDACTED`] up to the next whitespace, quote or angle bracket.
+fn redact_links(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let sep = if bytes[i..].starts_with(b"://") {
+            3
+        } else if bytes[i..].starts_with(br":\/\/") {
+            5
+        } else {
+            i += 1;
+            continue;
+        };
+        let start = bytes[..i]
+            .iter()
+            .rposition(|b| !(b.is_ascii_alphanumeric() || b"+.-".contains(b)))
+            .map_or(0, |p| p + 1);
+        let scheme = &text[start..i];
+        if !LINK_SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+            i += sep;
+            continue;
+        }
+        let end = bytes[i + sep..]
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || b"\"'<>`".contains(b))
+            .map_or(bytes.len(), |p| i + sep + p);
+        out.push_str(&text[copied..start]);
+        out.push_str(REDACTED);
+        copied = end;
+        i = end;
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// The causes of a reqwest error, without reqwest's own message (it contains the URL).
@@ -360,9 +458,39 @@ mod tests {
         assert_eq!(e.chars().count(), BODY_EXCERPT_CHARS + 1);
         assert_eq!(
             h.excerpt("error for https://h:1/SECRET/server"),
-            "error for …/server"
+            "error for <redacted>/server"
         );
-        assert_eq!(h.excerpt("path SECRET leaked"), "path … leaked");
+        assert_eq!(h.excerpt("path SECRET leaked"), "path <redacted> leaked");
+        // The link is cut out before the excerpt is cut short.
+        let e = h.excerpt(&format!("{} vless://uuid@h:1?pbk=KEY#n", "x".repeat(190)));
+        assert!(!e.contains("vless") && !e.contains("uuid"), "{e}");
+    }
+
+    #[test]
+    fn links_and_api_keys_are_redacted() {
+        assert_eq!(
+            redact_links(
+                r#"{"link":"vless://u@h:1?a=b&c=d#n","x":"VMESS://eyJ2Ijo","y":"ss:\/\/c2Vj@h:1"}"#
+            ),
+            r#"{"link":"<redacted>","x":"<redacted>","y":"<redacted>"}"#
+        );
+        assert_eq!(
+            redact_links("a trojan://pw@h:443 and ssconf://h/x\nnext <ss://k@h>"),
+            "a <redacted> and <redacted>\nnext <<redacted>>"
+        );
+        assert_eq!(
+            redact_links("see https://example.com/ss://x and class://y and é ss://k"),
+            "see https://example.com/<redacted> and class://y and é <redacted>"
+        );
+        let mut headers = HeaderMap::new();
+        let mut key = reqwest::header::HeaderValue::from_static("K3y-s3cret");
+        key.set_sensitive(true);
+        headers.insert("x-api-key", key);
+        let h = Http::new(&url("http://h:1"), &ClientConfig::default(), headers, None).unwrap();
+        assert_eq!(
+            h.excerpt("invalid key K3y-s3cret, try again"),
+            "invalid key <redacted>, try again"
+        );
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub struct ClientConfig {
     /// A whole request: connect, send, and read the full response.
     pub request_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// The largest 2xx response body read; a longer one is cut off and is
+    /// [`Error::BodyTooLarge`]. The default, 64 MiB, holds a 100k-key list about three times
+    /// over: ~180 bytes per V2Ray user and ~220 per Outline key (3,000 keys ≈ 0.66 MB) make 100k
+    /// keys 18–22 MB, and panels add fields. The cap bounds the memory one request can take.
+    pub max_body_bytes: usize,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +47,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(10),
             pool_max_idle_per_host: 64,
+            max_body_bytes: 64 << 20,
         }
     }
 }

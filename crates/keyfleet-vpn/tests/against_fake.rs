@@ -523,3 +523,59 @@ async fn lost_response_is_a_retryable_timeout() {
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn an_endless_body_is_cut_off_at_the_cap() {
+    let fake = v2ray().await;
+    let config = ClientConfig {
+        max_body_bytes: 1 << 20,
+        ..ClientConfig::default()
+    };
+    let c = client_with(&endpoint_of(&fake), config);
+    fake.inject(
+        Some(Endpoint::ListUsers),
+        Fault::OversizedBody { bytes: u64::MAX },
+        1,
+    );
+    let err = c.list_keys().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::BodyTooLarge { endpoint, limit, .. }
+            if endpoint == "GET /api/users" && *limit == 1 << 20),
+        "{err:?}"
+    );
+    let m = err.to_string();
+    assert!(m.contains("GET /api/users") && m.contains("1048576"), "{m}");
+    assert_eq!(err.class(), FailureClass::Permanent);
+
+    // Under the cap the body is read whole (and then does not decode).
+    fake.inject(
+        Some(Endpoint::ListUsers),
+        Fault::OversizedBody { bytes: 1000 },
+        1,
+    );
+    let err = c.list_keys().await.unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    assert!(c.list_keys().await.unwrap().is_empty());
+}
+
+/// A server error page that echoes the request and a link: the error carries none of it.
+#[tokio::test]
+async fn error_excerpts_redact_the_api_key_the_prefix_and_links() {
+    for fake in [v2ray().await, outline().await] {
+        let c = client(&fake);
+        let link = c.ensure_key(&sub("s1"), false).await.unwrap().link;
+        fake.inject(None, Fault::EchoSecrets(500), 1);
+        let err = c.list_keys().await.unwrap_err();
+        assert!(
+            matches!(err, Error::ServerError { status: 500, .. }),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+        let message = format!("{err} {err:?}");
+        assert_no_secret(&fake, &err);
+        for leaked in [link.as_str(), "vless://", "ss://"] {
+            assert!(!message.contains(leaked), "{leaked} leaked: {message}");
+        }
+        assert!(message.contains("<redacted>"), "{message}");
+    }
+}
