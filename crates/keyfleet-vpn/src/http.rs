@@ -136,6 +136,15 @@ impl Http {
         &self.server
     }
 
+    /// [`Error::InvalidText`]: `detail` says what was wrong where, never the text itself.
+    pub(crate) fn invalid_text(&self, endpoint: impl Into<String>, detail: String) -> Error {
+        Error::InvalidText {
+            server: self.server.clone(),
+            endpoint: endpoint.into(),
+            detail,
+        }
+    }
+
     fn url(&self, path: &[&str]) -> Url {
         let mut url = self.base.clone();
         url.path_segments_mut()

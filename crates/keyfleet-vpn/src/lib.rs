@@ -11,6 +11,7 @@ mod error;
 mod http;
 mod outline;
 mod retry_after;
+mod text;
 mod tls;
 mod v2ray;
 
@@ -23,6 +24,7 @@ pub use error::{Error, Result};
 pub use http::redact_url;
 pub use outline::{AccessKey, DataLimit, OutlineClient, ServerInfo, TransferMetrics};
 pub use retry_after::{MAX_RETRY_AFTER, parse_retry_after};
+pub use text::{MAX_ID_BYTES, MAX_LINK_BYTES, MAX_NAME_BYTES};
 pub use tls::parse_cert_sha256;
 pub use v2ray::{V2rayClient, V2rayLink, V2rayStats, V2rayUser, V2rayUserStats};
 
@@ -108,9 +110,11 @@ pub enum DeleteOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteKey {
     pub server_key_id: String,
-    /// V2Ray: the user's email; Outline: the key's name.
+    /// V2Ray: the user's email; Outline: the key's name. A name that fails the checks of
+    /// [`VpnClient::list_keys`] is shown with U+FFFD for its control characters.
     pub name: String,
-    /// The subscription, if keyfleet created the key; `None` for keys made by hand.
+    /// The subscription, if keyfleet created the key; `None` for keys made by hand and keys with
+    /// an invalid name.
     pub owner: Option<SubscriptionId>,
 }
 
@@ -188,6 +192,18 @@ impl VpnClient {
     }
 
     /// Every key on the server, in one request.
+    ///
+    /// One bad entry does not fail the list (the reconcile of the whole server would stop):
+    /// - an entry whose id is empty, over [`MAX_ID_BYTES`] or has a control character is left
+    ///   out, with a warning: keyfleet could neither store that id nor address the key by it. If
+    ///   it was ours, reconcile sees our key missing and recreates it, and the create then meets
+    ///   the conflict (409, or Outline's id clash) and fails permanently, visibly;
+    /// - an entry whose name is over [`MAX_NAME_BYTES`] or has a control character is reported
+    ///   with `owner: None`, as a key made by hand: never adopted, never deleted. Reading it as
+    ///   ours could delete a key that is not (`kf-s1\n` would parse as subscription `s1`).
+    ///
+    /// A bad field in a single-object response (create, get key, get link) is
+    /// [`Error::InvalidText`], permanent.
     pub async fn list_keys(&self) -> Result<Vec<RemoteKey>> {
         match self {
             Self::V2ray(c) => c.remote_keys().await,

@@ -18,6 +18,7 @@ use crate::{
     de::{lenient_u64, null_as_empty, number_to_u64, string_or_number},
     http::{Http, redact_url},
     parse_cert_sha256,
+    text::{self, check_id, check_link, check_name},
 };
 
 /// The first server version with `PUT /access-keys/{id}` and `GET /access-keys/{id}`.
@@ -193,7 +194,7 @@ impl OutlineClient {
             .http()
             .call_json(Method::POST, &["access-keys"], &KeyName { name })
             .await?;
-        self.http().json(reply)
+        self.checked_key(self.http().json(reply)?, "POST /access-keys")
     }
 
     /// `PUT /access-keys/{id} {name}` (v1.8.0+): 409 ([`Error::Conflict`]) if the id exists.
@@ -203,20 +204,27 @@ impl OutlineClient {
             .http()
             .call_json(Method::PUT, &["access-keys", id], &KeyName { name })
             .await?;
-        self.http().json(reply)
+        self.checked_key(self.http().json(reply)?, &format!("PUT /access-keys/{id}"))
     }
 
     /// `GET /access-keys/{id}` (v1.8.0+).
     pub async fn get_key(&self, id: &str) -> Result<AccessKey> {
         self.check_id(id)?;
         let reply = self.http().call(Method::GET, &["access-keys", id]).await?;
-        self.http().json(reply)
+        self.checked_key(self.http().json(reply)?, &format!("GET /access-keys/{id}"))
     }
 
-    /// `GET /access-keys`.
+    /// `GET /access-keys`. Keys whose id is not valid are left out (see
+    /// [`crate::VpnClient::list_keys`]).
     pub async fn list_keys(&self) -> Result<Vec<AccessKey>> {
         let reply = self.http().call(Method::GET, &["access-keys"]).await?;
-        Ok(self.http().json::<AccessKeyList>(reply)?.access_keys)
+        let keys = self.http().json::<AccessKeyList>(reply)?.access_keys;
+        Ok(text::with_valid_ids(
+            self.server(),
+            "GET /access-keys",
+            keys,
+            |k: &AccessKey| &k.id,
+        ))
     }
 
     /// `DELETE /access-keys/{id}`: 204 deleted, 404 already gone. Note that a wrong secret
@@ -326,7 +334,7 @@ impl OutlineClient {
         if adopted {
             tracing::info!(server = %self.server(), subscription = %sub, key_id = %key.id, "Adopted an existing Outline key");
         }
-        let link = self.access_url(key.access_url, "the access key")?;
+        let link = self.access_url(&key, "the access key")?;
         Ok(ProvisionedKey {
             server_key_id: key.id,
             link,
@@ -348,7 +356,7 @@ impl OutlineClient {
                     what: format!("access key {id:?} is not in GET /access-keys"),
                 })?
         };
-        self.access_url(key.access_url, "GET /access-keys")
+        self.access_url(&key, "GET /access-keys")
     }
 
     /// Deletes a key after making sure the API answers at all (once per client), so that a wrong
@@ -360,41 +368,74 @@ impl OutlineClient {
 
     /// Every key as a [`RemoteKey`] named by its name.
     pub async fn remote_keys(&self) -> Result<Vec<RemoteKey>> {
-        Ok(self
-            .list_keys()
-            .await?
-            .into_iter()
-            .map(|k| RemoteKey {
-                owner: subscription_of_owned_name(&k.name),
-                server_key_id: k.id,
-                name: k.name,
-            })
-            .collect())
+        let keys = self.list_keys().await?;
+        Ok(text::remote_keys(
+            self.server(),
+            "GET /access-keys",
+            keys.into_iter().map(|k| (k.id, k.name)),
+        ))
     }
 
-    /// Bytes per key (30-day rolling; keys with no traffic are absent).
+    /// Bytes per key (30-day rolling; keys with no traffic are absent). The `""` entry the server
+    /// may report and ids that are not valid are left out.
     pub async fn traffic(&self) -> Result<Vec<KeyTraffic>> {
-        Ok(self
+        let entries: Vec<_> = self
             .transfer()
             .await?
             .bytes_transferred_by_user_id
             .into_iter()
-            .map(|(server_key_id, bytes)| KeyTraffic {
-                server_key_id,
-                bytes,
-            })
-            .collect())
+            .filter(|(id, _)| !id.is_empty())
+            .collect();
+        Ok(
+            text::with_valid_ids(self.server(), "GET /metrics/transfer", entries, |e| &e.0)
+                .into_iter()
+                .map(|(server_key_id, bytes)| KeyTraffic {
+                    server_key_id,
+                    bytes,
+                })
+                .collect(),
+        )
     }
 
-    fn access_url(&self, url: String, endpoint: &str) -> Result<String> {
-        if url.is_empty() {
+    /// A key from a single-object response, with its id and name checked.
+    fn checked_key(&self, key: AccessKey, endpoint: &str) -> Result<AccessKey> {
+        check_id(&key.id).map_err(|flaw| {
+            self.http().invalid_text(
+                endpoint,
+                format!("the Outline server returned an access key id {flaw}"),
+            )
+        })?;
+        check_name(&key.name).map_err(|flaw| {
+            self.http().invalid_text(
+                endpoint,
+                format!(
+                    "the Outline server returned a name {flaw} for access key {}",
+                    key.id
+                ),
+            )
+        })?;
+        Ok(key)
+    }
+
+    /// The key's access URL, checked: every link keyfleet stores passes here.
+    fn access_url(&self, key: &AccessKey, endpoint: &str) -> Result<String> {
+        if key.access_url.is_empty() {
             return Err(Error::Decode {
                 server: self.server().to_owned(),
                 endpoint: endpoint.to_owned(),
                 detail: "the access key has no accessUrl".into(),
             });
         }
-        Ok(url)
+        check_link(&key.access_url).map_err(|flaw| {
+            self.http().invalid_text(
+                endpoint,
+                format!(
+                    "the Outline server returned an access URL {flaw} for access key {}",
+                    key.id
+                ),
+            )
+        })?;
+        Ok(key.access_url.clone())
     }
 
     fn check_id(&self, id: &str) -> Result<()> {
@@ -422,7 +463,9 @@ fn parse_version(raw: &str) -> Option<(u64, u64, u64)> {
 fn oldest_owned(keys: Vec<AccessKey>, sub: &SubscriptionId) -> Option<AccessKey> {
     keys.into_iter()
         .enumerate()
-        .filter(|(_, k)| subscription_of_owned_name(&k.name).as_ref() == Some(sub))
+        .filter(|(_, k)| {
+            check_name(&k.name).is_ok() && subscription_of_owned_name(&k.name).as_ref() == Some(sub)
+        })
         .min_by_key(|(i, k)| {
             let numeric = k.id.parse::<u64>().ok();
             (numeric.is_none(), numeric, *i)
@@ -470,6 +513,8 @@ mod tests {
         ];
         assert_eq!(oldest_owned(keys, &sub).unwrap().id, "9");
         assert!(oldest_owned(vec![key("1", "s1")], &sub).is_none());
+        // Trimmed, "kf-s1\n" would parse as ours: a name with a control character never is.
+        assert!(oldest_owned(vec![key("1", "kf-s1\n")], &sub).is_none());
     }
 
     #[test]

@@ -4,9 +4,7 @@
 use std::{fmt, sync::Arc};
 
 use chrono::{DateTime, FixedOffset};
-use keyfleet_core::{
-    ServerKind, SubscriptionId, owned_key_name, owned_v2ray_email, subscription_of_owned_name,
-};
+use keyfleet_core::{ServerKind, SubscriptionId, owned_key_name, owned_v2ray_email};
 use reqwest::{
     Method, StatusCode,
     header::{HeaderMap, HeaderName, HeaderValue},
@@ -19,6 +17,7 @@ use crate::{
     de::{lenient_u64, null_as_empty},
     http::{Http, redact_url},
     parse_cert_sha256,
+    text::{self, check_id, check_link, check_name},
 };
 
 /// A panel user. Unknown fields are ignored.
@@ -146,13 +145,37 @@ impl V2rayClient {
             .http
             .call_json(Method::POST, &["api", "users"], &NewUser { email, name })
             .await?;
-        self.http.json(reply)
+        let user: V2rayUser = self.http.json(reply)?;
+        let endpoint = "POST /api/users";
+        check_id(&user.uuid).map_err(|flaw| {
+            self.http.invalid_text(
+                endpoint,
+                format!("the V2Ray panel returned a user id {flaw} for the new user {email}"),
+            )
+        })?;
+        check_name(&user.email).map_err(|flaw| {
+            self.http.invalid_text(
+                endpoint,
+                format!(
+                    "the V2Ray panel returned an email {flaw} for user {}",
+                    user.uuid
+                ),
+            )
+        })?;
+        Ok(user)
     }
 
     /// `GET /api/users`: every user, unpaginated.
+    /// Users whose uuid is not valid are left out (see [`crate::VpnClient::list_keys`]).
     pub async fn list_users(&self) -> Result<Vec<V2rayUser>> {
         let reply = self.http.call(Method::GET, &["api", "users"]).await?;
-        self.http.json(reply)
+        let users = self.http.json(reply)?;
+        Ok(text::with_valid_ids(
+            self.server(),
+            "GET /api/users",
+            users,
+            |u: &V2rayUser| &u.uuid,
+        ))
     }
 
     /// `GET /api/keys/{uuid}/link`.
@@ -162,7 +185,14 @@ impl V2rayClient {
             .http
             .call(Method::GET, &["api", "keys", uuid, "link"])
             .await?;
-        self.http.json(reply)
+        let link: V2rayLink = self.http.json(reply)?;
+        check_link(&link.link).map_err(|flaw| {
+            self.http.invalid_text(
+                format!("GET /api/keys/{uuid}/link"),
+                format!("the V2Ray panel returned a link {flaw} for user {uuid}"),
+            )
+        })?;
+        Ok(link)
     }
 
     /// `DELETE /api/users/{uuid}`: 204 or 200 is deleted, 404 already gone.
@@ -179,13 +209,20 @@ impl V2rayClient {
         Ok(DeleteOutcome::Deleted)
     }
 
-    /// `GET /api/stats/users`.
+    /// `GET /api/stats/users`; entries whose uuid is not valid are left out.
     pub async fn stats(&self) -> Result<V2rayStats> {
         let reply = self
             .http
             .call(Method::GET, &["api", "stats", "users"])
             .await?;
-        self.http.json(reply)
+        let mut stats: V2rayStats = self.http.json(reply)?;
+        stats.users = text::with_valid_ids(
+            self.server(),
+            "GET /api/stats/users",
+            stats.users,
+            |u: &V2rayUserStats| &u.uuid,
+        );
+        Ok(stats)
     }
 
     /// Idempotent create, see [`crate::VpnClient::ensure_key`]: on a retry, or when the panel
@@ -226,16 +263,12 @@ impl V2rayClient {
 
     /// Every user as a [`RemoteKey`] named by email.
     pub async fn remote_keys(&self) -> Result<Vec<RemoteKey>> {
-        Ok(self
-            .list_users()
-            .await?
-            .into_iter()
-            .map(|u| RemoteKey {
-                owner: subscription_of_owned_name(&u.email),
-                server_key_id: u.uuid,
-                name: u.email,
-            })
-            .collect())
+        let users = self.list_users().await?;
+        Ok(text::remote_keys(
+            self.server(),
+            "GET /api/users",
+            users.into_iter().map(|u| (u.uuid, u.email)),
+        ))
     }
 
     /// Uplink + downlink per user.

@@ -579,3 +579,155 @@ async fn error_excerpts_redact_the_api_key_the_prefix_and_links() {
         assert!(message.contains("<redacted>"), "{message}");
     }
 }
+
+fn assert_invalid_text(fake: &FakeServer, err: &Error, expected: &[&str]) {
+    assert!(matches!(err, Error::InvalidText { .. }), "{err:?}");
+    assert_eq!(err.class(), FailureClass::Permanent);
+    let m = err.to_string();
+    for part in expected {
+        assert!(m.contains(part), "{part:?} missing: {m}");
+    }
+    assert!(!m.contains('\0'), "{m:?}");
+    assert_no_secret(fake, err);
+    for user in fake.users() {
+        assert!(!m.contains(&user.link), "link leaked: {m}");
+    }
+}
+
+#[tokio::test]
+async fn v2ray_text_that_cannot_be_stored_is_a_permanent_error_saying_where() {
+    let fake = v2ray().await;
+    let c = client(&fake);
+    let s = sub("s1");
+    fake.inject(Some(Endpoint::GetLink), Fault::NulInLink { offset: 17 }, 2);
+    let err = c.ensure_key(&s, false).await.unwrap_err();
+    let uuid = fake.users()[0].id.clone();
+    assert_invalid_text(
+        &fake,
+        &err,
+        &[
+            "V2Ray panel returned a link with a NUL byte at offset 17",
+            &format!("for user {uuid}"),
+            &format!("GET /api/keys/{uuid}/link"),
+        ],
+    );
+    let err = c.fetch_link(&uuid).await.unwrap_err();
+    assert_invalid_text(&fake, &err, &["NUL byte at offset 17"]);
+    assert!(c.fetch_link(&uuid).await.unwrap().starts_with("vless://"));
+
+    fake.inject(
+        Some(Endpoint::CreateUser),
+        Fault::InsertIntoField {
+            field: "uuid".into(),
+            offset: 3,
+            text: "\u{1b}[31m".into(),
+        },
+        1,
+    );
+    let err = c.ensure_key(&sub("s2"), false).await.unwrap_err();
+    assert_invalid_text(
+        &fake,
+        &err,
+        &[
+            "user id with the control character U+001B at offset 3",
+            "POST /api/users",
+        ],
+    );
+    fake.inject(
+        Some(Endpoint::GetLink),
+        Fault::InsertIntoField {
+            field: "link".into(),
+            offset: 0,
+            text: "x".repeat(20_000),
+        },
+        1,
+    );
+    let err = c.fetch_link(&uuid).await.unwrap_err();
+    assert_invalid_text(&fake, &err, &["over the 16384-byte limit"]);
+}
+
+#[tokio::test]
+async fn outline_text_that_cannot_be_stored_is_a_permanent_error_saying_where() {
+    let fake = outline().await;
+    let c = client(&fake);
+    fake.inject(
+        Some(Endpoint::CreateKeyPut),
+        Fault::NulInLink { offset: 5 },
+        1,
+    );
+    let err = c.ensure_key(&sub("s1"), false).await.unwrap_err();
+    let id = owned_outline_key_id(&sub("s1"));
+    assert_invalid_text(
+        &fake,
+        &err,
+        &[
+            "access URL with a NUL byte at offset 5",
+            &format!("for access key {id}"),
+        ],
+    );
+    fake.inject(
+        Some(Endpoint::GetKey),
+        Fault::InsertIntoField {
+            field: "name".into(),
+            offset: 0,
+            text: "n".repeat(2000),
+        },
+        1,
+    );
+    let err = c.fetch_link(&id).await.unwrap_err();
+    assert_invalid_text(
+        &fake,
+        &err,
+        &["name of 2005 bytes, over the 1024-byte limit"],
+    );
+    assert!(c.fetch_link(&id).await.unwrap().starts_with("ss://"));
+
+    // An old server: the link comes from the list, and is checked there too.
+    let old = FakeServer::start(FakeServerConfig::outline().with_outline_version("1.7.0"))
+        .await
+        .unwrap();
+    let c = client(&old);
+    let key = c.ensure_key(&sub("s1"), false).await.unwrap();
+    old.inject(Some(Endpoint::ListKeys), Fault::NulInLink { offset: 0 }, 1);
+    let err = c.fetch_link(&key.server_key_id).await.unwrap_err();
+    assert_invalid_text(&old, &err, &["access URL with a NUL byte at offset 0"]);
+}
+
+/// A bad entry does not sink the list: a bad id is left out, a bad name is never ours.
+#[tokio::test]
+async fn list_entries_with_bad_ids_are_skipped_and_bad_names_are_foreign() {
+    for fake in [v2ray().await, outline().await] {
+        let c = client(&fake);
+        let first = c.ensure_key(&sub("s1"), false).await.unwrap();
+        let second = c.ensure_key(&sub("s2"), false).await.unwrap();
+        // Trimmed, this name would parse as subscription s9's.
+        let odd = fake.add_foreign_user("kf-s9\n");
+        let id_field = match fake.kind() {
+            ServerKind::V2ray => "uuid",
+            ServerKind::Outline => "id",
+        };
+        fake.inject(
+            None,
+            Fault::InsertIntoField {
+                field: id_field.into(),
+                offset: 0,
+                text: "\0".into(),
+            },
+            1,
+        );
+        let keys = c.list_keys().await.unwrap();
+        let ids: Vec<_> = keys.iter().map(|k| k.server_key_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [second.server_key_id.as_str(), odd.as_str()],
+            "{keys:?}"
+        );
+        assert_eq!(keys[0].owner, Some(sub("s2")));
+        assert_eq!(keys[1].owner, None, "{:?}", keys[1]);
+        assert!(!keys[1].name.contains('\n'));
+
+        let keys = c.list_keys().await.unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[0].server_key_id, first.server_key_id);
+    }
+}
