@@ -174,6 +174,20 @@ fn sqlstate(e: &Error) -> String {
 // ---------------------------------------------------------------------------------------------
 // 1. Classification
 
+async fn exec<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    sql: &'e str,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    sqlx::query(sql).execute(ex).await
+}
+
+/// Asserts that `result` failed with SQLSTATE `code` and is classified `transient` (or not).
+fn assert_class<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: &str, transient: bool) {
+    let e = db_error(result.unwrap_err());
+    assert_eq!(sqlstate(&e), code, "{e}");
+    assert_eq!(e.is_transient(), transient, "{code}: {e}");
+}
+
 #[tokio::test]
 async fn real_postgres_errors_are_classified_by_sqlstate() {
     let db = Db::new().await;
@@ -183,88 +197,52 @@ async fn real_postgres_errors_are_classified_by_sqlstate() {
 
     // 25006: a write in a read-only transaction (a replica promoted away, or a failover).
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let e = db_error(
-        sqlx::query("UPDATE t SET v = 1")
-            .execute(&mut *tx)
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(sqlstate(&e), "25006");
-    assert!(e.is_transient(), "{e}");
+    exec(&mut *tx, "SET TRANSACTION READ ONLY").await.unwrap();
+    assert_class(exec(&mut *tx, "UPDATE t SET v = 1").await, "25006", true);
     drop(tx);
 
     // 55P03: a lock not available (NOWAIT while another transaction holds it).
     let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT * FROM t WHERE id = 1 FOR UPDATE")
-        .execute(&mut *holder)
+    exec(&mut *holder, "SELECT * FROM t WHERE id = 1 FOR UPDATE")
         .await
         .unwrap();
-    let e = db_error(
-        sqlx::query("SELECT * FROM t WHERE id = 1 FOR UPDATE NOWAIT")
-            .execute(pool)
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(sqlstate(&e), "55P03");
-    assert!(e.is_transient(), "{e}");
+    let nowait = exec(pool, "SELECT * FROM t WHERE id = 1 FOR UPDATE NOWAIT").await;
+    assert_class(nowait, "55P03", true);
     holder.rollback().await.unwrap();
 
     // 40001: a concurrent update under REPEATABLE READ.
     let mut rr = pool.begin().await.unwrap();
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *rr)
+    exec(&mut *rr, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .await
         .unwrap();
-    sqlx::query("SELECT v FROM t WHERE id = 1")
-        .execute(&mut *rr)
+    exec(&mut *rr, "SELECT v FROM t WHERE id = 1")
         .await
         .unwrap();
-    sqlx::query("UPDATE t SET v = 5 WHERE id = 1")
-        .execute(pool)
-        .await
-        .unwrap();
-    let e = db_error(
-        sqlx::query("UPDATE t SET v = 6 WHERE id = 1")
-            .execute(&mut *rr)
-            .await
-            .unwrap_err(),
+    exec(pool, "UPDATE t SET v = 5 WHERE id = 1").await.unwrap();
+    assert_class(
+        exec(&mut *rr, "UPDATE t SET v = 6 WHERE id = 1").await,
+        "40001",
+        true,
     );
-    assert_eq!(sqlstate(&e), "40001");
-    assert!(e.is_transient(), "{e}");
     drop(rr);
 
     // 40P01: a deadlock between two transactions.
-    let deadlock = |first: i32, second: i32| async move {
+    let deadlock = |first: &'static str, second: &'static str| async move {
         let mut tx = pool.begin().await.unwrap();
-        sqlx::query("SET LOCAL deadlock_timeout = '50ms'")
-            .execute(&mut *tx)
+        exec(&mut *tx, "SET LOCAL deadlock_timeout = '50ms'")
             .await
             .unwrap();
-        sqlx::query("UPDATE t SET v = v + 1 WHERE id = $1")
-            .bind(first)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        exec(&mut *tx, first).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = sqlx::query("UPDATE t SET v = v + 1 WHERE id = $1")
-            .bind(second)
-            .execute(&mut *tx)
-            .await;
-        drop(tx);
-        r
+        exec(&mut *tx, second).await
     };
-    let (a, b) = tokio::join!(deadlock(1, 2), deadlock(2, 1));
-    let e = db_error(
-        a.err()
-            .or(b.err())
-            .expect("one of the two is the deadlock victim"),
+    let (one, two) = (
+        "UPDATE t SET v = v + 1 WHERE id = 1",
+        "UPDATE t SET v = v + 1 WHERE id = 2",
     );
-    assert_eq!(sqlstate(&e), "40P01");
-    assert!(e.is_transient(), "{e}");
+    let (a, b) = tokio::join!(deadlock(one, two), deadlock(two, one));
+    let victim = if a.is_err() { a } else { b };
+    assert_class(victim, "40P01", true);
 
     // A terminated backend (57P01 or the connection cut under it): transient either way.
     let mut conn = pool.acquire().await.unwrap();
@@ -278,75 +256,39 @@ async fn real_postgres_errors_are_classified_by_sqlstate() {
         .execute(pool)
         .await
         .unwrap();
-    let e = db_error(
-        sqlx::query("SELECT 1")
-            .execute(&mut *conn)
-            .await
-            .unwrap_err(),
-    );
+    let e = db_error(exec(&mut *conn, "SELECT 1").await.unwrap_err());
     assert!(e.is_transient(), "{e:?}");
     drop(conn);
 
     // Permanent: bad values and constraints.
-    let permanent = [
-        (
-            "22021",
-            sqlx::query("SELECT $1::text")
-                .bind("a\0b")
-                .execute(pool)
-                .await,
-        ),
-        ("22P02", sqlx::query("SELECT 'x'::int").execute(pool).await),
-        (
-            "23505",
-            sqlx::query("INSERT INTO t VALUES (1, 0)")
-                .execute(pool)
-                .await,
-        ),
-        (
-            "23514",
-            sqlx::query("UPDATE t SET v = -1").execute(pool).await,
-        ),
-        (
-            "23503",
-            sqlx::query("INSERT INTO keys (subscription_id, server_id) VALUES ('nobody', 1)")
-                .execute(pool)
-                .await,
-        ),
-        ("42601", sqlx::query("SELEC 1").execute(pool).await),
-    ];
-    for (code, result) in permanent {
-        let e = db_error(result.unwrap_err());
-        assert_eq!(sqlstate(&e), code);
-        assert!(!e.is_transient(), "{code} is permanent: {e}");
-    }
+    let nul = sqlx::query("SELECT $1::text")
+        .bind("a\0b")
+        .execute(pool)
+        .await;
+    assert_class(nul, "22021", false);
+    assert_class(exec(pool, "SELECT 'x'::int").await, "22P02", false);
+    assert_class(
+        exec(pool, "INSERT INTO t VALUES (1, 0)").await,
+        "23505",
+        false,
+    );
+    assert_class(exec(pool, "UPDATE t SET v = -1").await, "23514", false);
+    let orphan = "INSERT INTO keys (subscription_id, server_id) VALUES ('nobody', 1)";
+    assert_class(exec(pool, orphan).await, "23503", false);
+    assert_class(exec(pool, "SELEC 1").await, "42601", false);
     // Not from the database: a missing row is the caller's business, a decode error a bug.
-    let e = db_error(
-        sqlx::query("SELECT 1 WHERE false")
-            .fetch_one(pool)
-            .await
-            .unwrap_err(),
-    );
-    assert!(!e.is_transient(), "{e}");
-    let e = db_error(
-        sqlx::query("SELECT 'x'::text")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-            .try_get::<i64, _>(0)
-            .unwrap_err(),
-    );
-    assert!(!e.is_transient(), "{e}");
+    let none = sqlx::query("SELECT 1 WHERE false").fetch_one(pool).await;
+    assert!(!db_error(none.unwrap_err()).is_transient());
+    let text = sqlx::query("SELECT 'x'::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(!db_error(text.try_get::<i64, _>(0).unwrap_err()).is_transient());
 
     // A closed pool (the process shutting down) and an unreachable server: transient.
     let other = Store::connect(&db.url, 1).await.unwrap();
     other.pool().close().await;
-    let e = db_error(
-        sqlx::query("SELECT 1")
-            .execute(other.pool())
-            .await
-            .unwrap_err(),
-    );
+    let e = db_error(exec(other.pool(), "SELECT 1").await.unwrap_err());
     assert!(e.is_transient(), "{e}");
     let e = Store::connect("postgres://postgres@127.0.0.1:1/postgres", 1)
         .await
@@ -434,6 +376,21 @@ fn sqlstates_are_classified() {
 // ---------------------------------------------------------------------------------------------
 // 2. Isolation
 
+/// Asserts that every result but the `bad`-th was applied and that one was rejected with a message
+/// that quotes no link; returns the message.
+fn only_rejected(results: &[Result<WriteOutcome, Error>], bad: usize) -> String {
+    for (i, result) in results.iter().enumerate() {
+        if i != bad {
+            assert_eq!(result.as_ref().unwrap(), &WriteOutcome::Applied, "row {i}");
+        }
+    }
+    let Err(Error::Rejected(message)) = &results[bad] else {
+        panic!("row {bad}: {:?}", results[bad]);
+    };
+    assert!(!message.contains("secret-link"), "no link text: {message}");
+    message.clone()
+}
+
 #[tokio::test]
 async fn a_nul_byte_in_one_link_fails_that_row_only() {
     let db = Db::new().await;
@@ -456,18 +413,9 @@ async fn a_nul_byte_in_one_link_fails_that_row_only() {
     let (writeback, task) = one_batch_writeback(&db.store, writes.len());
     let results = write_all(&writeback, writes).await;
 
-    for (i, result) in results.iter().enumerate() {
-        if i == poisoned {
-            let Err(Error::Rejected(message)) = result else {
-                panic!("row {i}: {result:?}");
-            };
-            assert!(message.contains("link contains a NUL byte"), "{message}");
-            assert!(message.contains("s137"), "names the key: {message}");
-            assert!(!message.contains("secret-link"), "no link text: {message}");
-        } else {
-            assert_eq!(result.as_ref().unwrap(), &WriteOutcome::Applied, "row {i}");
-        }
-    }
+    let message = only_rejected(&results, poisoned);
+    assert!(message.contains("link contains a NUL byte"), "{message}");
+    assert!(message.contains("s137"), "names the key: {message}");
     assert_eq!(
         db.count("SELECT count(*) FROM keys WHERE state = 'active' AND link IS NOT NULL")
             .await,
@@ -500,18 +448,9 @@ async fn a_unique_violation_fails_that_row_only() {
     let (writeback, task) = one_batch_writeback(&db.store, writes.len());
     let results = write_all(&writeback, writes).await;
 
-    for (i, result) in results.iter().enumerate() {
-        if i == 57 {
-            let Err(Error::Rejected(message)) = result else {
-                panic!("row {i}: {result:?}");
-            };
-            assert!(message.contains("keys_server_key_id_unique"), "{message}");
-            assert!(message.contains("23505"), "{message}");
-            assert!(!message.contains("secret-link"), "no link text: {message}");
-        } else {
-            assert_eq!(result.as_ref().unwrap(), &WriteOutcome::Applied, "row {i}");
-        }
-    }
+    let message = only_rejected(&results, 57);
+    assert!(message.contains("keys_server_key_id_unique"), "{message}");
+    assert!(message.contains("23505"), "{message}");
     assert_eq!(
         db.count(
             "SELECT count(*) FROM keys WHERE state = 'active' AND subscription_id <> 'holder'"
