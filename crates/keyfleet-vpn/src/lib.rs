@@ -166,6 +166,16 @@ impl VpnClient {
         }
     }
 
+    /// One cheap request, for the circuit breaker's probe: `Ok` if the server answers and
+    /// accepts our credentials. V2Ray: `GET /api/keys/<nil uuid>/link` (404 is healthy); Outline:
+    /// `GET /server`. Same pooled client, timeouts and error classification as every call.
+    pub async fn health(&self) -> Result<()> {
+        match self {
+            Self::V2ray(c) => c.health().await,
+            Self::Outline(c) => c.health().await,
+        }
+    }
+
     /// Idempotent create: makes sure the subscription's key exists and returns its server-side
     /// id and link. `is_retry`: an earlier attempt of this job may have reached the server.
     pub async fn ensure_key(&self, sub: &SubscriptionId, is_retry: bool) -> Result<ProvisionedKey> {

@@ -21,8 +21,9 @@ use crate::{
     text::{self, check_id, check_link, check_name},
 };
 
-/// The first server version with `PUT /access-keys/{id}` and `GET /access-keys/{id}`.
-const CHOSEN_ID_VERSION: (u64, u64, u64) = (1, 8, 0);
+/// The key id [`OutlineClient::supports_chosen_ids`] asks for. keyfleet's ids are `kf-…`, so
+/// it names no key of ours; if someone made one, its 200 answers the question just as well.
+const PROBE_ID: &str = "keyfleet-probe";
 
 /// `GET /server`. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -119,7 +120,7 @@ struct KeyName<'a> {
     name: &'a str,
 }
 
-/// The server's API version, fetched once per client.
+/// What the server's API has, probed once per client.
 #[derive(Debug)]
 struct Api {
     chosen_ids: bool,
@@ -130,8 +131,8 @@ struct Inner {
     api: OnceCell<Api>,
 }
 
-/// Client of one Outline server; cheap to clone (the pooled HTTP client and the cached server
-/// version are shared).
+/// Client of one Outline server; cheap to clone (the pooled HTTP client and the probed API are
+/// shared).
 #[derive(Clone)]
 pub struct OutlineClient {
     inner: Arc<Inner>,
@@ -262,29 +263,42 @@ impl OutlineClient {
         self.http().json(reply)
     }
 
-    /// Whether the server takes chosen ids (v1.8.0+). Asks `GET /server` once per client; a
-    /// failure is not cached. An unparseable version is treated as old (the old way works on
-    /// every version).
+    /// Whether the server takes chosen ids (`PUT`/`GET /access-keys/{id}`, v1.8.0+), probed once
+    /// per client (a failure is not cached). The version cannot tell: a server built from source
+    /// reports `"dev"`. So, as the spec measured on the real server, `GET /access-keys/<PROBE_ID>`:
+    /// 404 `{"code": "NotFound"}` (or 200) means the route exists; 405 (restify: the path exists
+    /// for `DELETE` only) means an older server; a 404 with another code (`ResourceNotFound`) is
+    /// an older server too, unless the secret prefix is wrong, which also 404s everything: then
+    /// `GET /server` decides. Never creates anything.
     pub async fn supports_chosen_ids(&self) -> Result<bool> {
         let api = self
             .inner
             .api
             .get_or_try_init(|| async {
-                let info = self.server_info().await?;
-                let chosen_ids = match parse_version(&info.version) {
-                    Some(v) => v >= CHOSEN_ID_VERSION,
-                    None => {
-                        tracing::warn!(
-                            server = %self.server(), version = %info.version,
-                            "Outline server reports a version keyfleet cannot parse; creating keys the pre-1.8 way"
-                        );
+                let reply = self
+                    .http()
+                    .call(Method::GET, &["access-keys", PROBE_ID])
+                    .await?;
+                let chosen_ids = match probe_verdict(reply.status, &reply.body) {
+                    Some(Probe::Route) => true,
+                    Some(Probe::NoRoute) => false,
+                    Some(Probe::NoRouteOrWrongPrefix) => {
+                        self.server_info().await?;
                         false
                     }
+                    None => return Err(self.http().status_error(&reply)),
                 };
+                tracing::debug!(server = %self.server(), chosen_ids, "Probed the Outline API");
                 Ok::<_, Error>(Api { chosen_ids })
             })
             .await?;
         Ok(api.chosen_ids)
+    }
+
+    /// A cheap request that says whether the server answers: `GET /server`, through the same
+    /// client, timeouts and error classification as every other call.
+    pub async fn health(&self) -> Result<()> {
+        self.server_info().await.map(drop)
     }
 
     /// Idempotent create, see [`crate::VpnClient::ensure_key`]. v1.8.0+: `PUT` the
@@ -449,14 +463,31 @@ impl OutlineClient {
     }
 }
 
-/// `major.minor.patch` from `1.8.0`, `v1.12`, `1.8.0-beta+x`; missing parts are 0.
-fn parse_version(raw: &str) -> Option<(u64, u64, u64)> {
-    let core = raw.trim().trim_start_matches(['v', 'V']);
-    let core = core.split(['-', '+', ' ']).next()?;
-    let mut parts = core.split('.');
-    let major = parts.next()?.parse().ok()?;
-    let mut next = || parts.next().map_or(Some(0), |p| p.parse().ok());
-    Some((major, next()?, next()?))
+/// What the probe of [`OutlineClient::supports_chosen_ids`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Route,
+    NoRoute,
+    NoRouteOrWrongPrefix,
+}
+
+/// `None`: an answer that says nothing about the route (5xx, 429, …), to be raised as an error.
+fn probe_verdict(status: StatusCode, body: &[u8]) -> Option<Probe> {
+    match status {
+        s if s.is_success() => Some(Probe::Route),
+        StatusCode::METHOD_NOT_ALLOWED => Some(Probe::NoRoute),
+        StatusCode::NOT_FOUND => {
+            let code = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("code")?.as_str().map(str::to_owned));
+            Some(if code.as_deref() == Some("NotFound") {
+                Probe::Route
+            } else {
+                Probe::NoRouteOrWrongPrefix
+            })
+        }
+        _ => None,
+    }
 }
 
 /// A key keyfleet made for `sub` (by name); the oldest (smallest numeric id) if several.
@@ -478,16 +509,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn versions() {
-        assert_eq!(parse_version("1.8.0"), Some((1, 8, 0)));
-        assert_eq!(parse_version("v1.12"), Some((1, 12, 0)));
-        assert_eq!(parse_version("1.8.1-beta.2"), Some((1, 8, 1)));
-        assert_eq!(parse_version(" 2 "), Some((2, 0, 0)));
-        assert_eq!(parse_version(""), None);
-        assert_eq!(parse_version("dev"), None);
-        assert_eq!(parse_version("1.x"), None);
-        assert!(parse_version("1.7.2").unwrap() < CHOSEN_ID_VERSION);
-        assert!(parse_version("1.10.0").unwrap() >= CHOSEN_ID_VERSION);
+    fn probe_verdicts() {
+        let v = |status: u16, body: &str| {
+            probe_verdict(StatusCode::from_u16(status).unwrap(), body.as_bytes())
+        };
+        assert_eq!(
+            v(
+                404,
+                r#"{"code":"NotFound","message":"Access key not found"}"#
+            ),
+            Some(Probe::Route)
+        );
+        assert_eq!(v(200, "{}"), Some(Probe::Route));
+        assert_eq!(
+            v(405, r#"{"code":"MethodNotAllowed"}"#),
+            Some(Probe::NoRoute)
+        );
+        assert_eq!(
+            v(404, r#"{"code":"ResourceNotFound"}"#),
+            Some(Probe::NoRouteOrWrongPrefix)
+        );
+        assert_eq!(v(404, "Not Found"), Some(Probe::NoRouteOrWrongPrefix));
+        assert_eq!(v(500, ""), None);
+        assert_eq!(v(429, ""), None);
     }
 
     fn key(id: &str, name: &str) -> AccessKey {

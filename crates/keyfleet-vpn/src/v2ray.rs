@@ -20,6 +20,9 @@ use crate::{
     text::{self, check_id, check_link, check_name},
 };
 
+/// The uuid [`V2rayClient::health`] asks about.
+const HEALTH_UUID: &str = "00000000-0000-0000-0000-000000000000";
+
 /// A panel user. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct V2rayUser {
@@ -223,6 +226,21 @@ impl V2rayClient {
             |u: &V2rayUserStats| &u.uuid,
         );
         Ok(stats)
+    }
+
+    /// A cheap request that says whether the panel answers and takes our API key: the link of
+    /// the nil uuid, which no user has. Every other GET grows with the users (the list, the
+    /// stats); this one is a lookup. 404 is the healthy answer (so is 200, from a panel that has
+    /// such a user); anything else is the error its status means, classified as usual.
+    pub async fn health(&self) -> Result<()> {
+        let reply = self
+            .http
+            .call(Method::GET, &["api", "keys", HEALTH_UUID, "link"])
+            .await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        self.http.success(reply).map(drop)
     }
 
     /// Idempotent create, see [`crate::VpnClient::ensure_key`]: on a retry, or when the panel

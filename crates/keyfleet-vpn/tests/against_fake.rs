@@ -6,7 +6,7 @@ use keyfleet_core::{
     FailureClass, ServerKind, SubscriptionId, owned_key_name, owned_outline_key_id,
 };
 use keyfleet_fakevpn::{DuplicatePolicy, Endpoint, FakeServer, FakeServerConfig, Fault};
-use keyfleet_vpn::{ClientConfig, DeleteOutcome, Error, ServerEndpoint, VpnClient};
+use keyfleet_vpn::{ClientConfig, DeleteOutcome, Error, OutlineClient, ServerEndpoint, VpnClient};
 use url::Url;
 
 fn sub(s: &str) -> SubscriptionId {
@@ -214,10 +214,10 @@ async fn outline_creates_with_chosen_id_and_adopts_on_409() {
         (1, 0, 1, 1)
     );
     assert_eq!(requests(&fake, Endpoint::CreateKeyPut), 2);
-    assert_eq!(requests(&fake, Endpoint::GetKey), 1);
+    // The probe of the API, once per client, and the GET after the 409.
+    assert_eq!(requests(&fake, Endpoint::GetKey), 2);
     assert_eq!(requests(&fake, Endpoint::CreateKeyPost), 0);
-    // The version is asked once per client.
-    assert_eq!(requests(&fake, Endpoint::ServerInfo), 1);
+    assert_eq!(requests(&fake, Endpoint::ServerInfo), 0);
 
     assert_eq!(c.fetch_link(&key.server_key_id).await.unwrap(), key.link);
     let listed = c.list_keys().await.unwrap();
@@ -244,7 +244,8 @@ async fn outline_creates_with_chosen_id_and_adopts_on_409() {
         DeleteOutcome::AlreadyGone
     );
     assert_eq!(fake.meter().current_users, 0);
-    assert_eq!(requests(&fake, Endpoint::ServerInfo), 1);
+    assert_eq!(requests(&fake, Endpoint::GetKey), 3);
+    assert_eq!(requests(&fake, Endpoint::ServerInfo), 0);
 }
 
 #[tokio::test]
@@ -301,12 +302,105 @@ async fn old_outline_posts_and_a_retry_adopts_by_name() {
         c.fetch_link(&other.server_key_id).await.unwrap(),
         other.link
     );
-    assert_eq!(requests(&fake, Endpoint::GetKey), 0);
+    // Only the probe asked for a key by id, and the old server refused it.
+    let by_id: Vec<u16> = fake
+        .meter()
+        .log
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::GetKey)
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(by_id, [405]);
     let m = fake.meter();
     assert_eq!(
         (m.duplicates, m.creates_committed, m.current_users),
         (0, 2, 2)
     );
+}
+
+/// Built from source, both report "dev": the probe tells them apart, once per client, and
+/// creates nothing.
+#[tokio::test]
+async fn outline_dev_builds_are_told_apart_by_probing() {
+    for key_ids in [true, false] {
+        let config = FakeServerConfig::outline()
+            .with_outline_version("dev")
+            .with_outline_key_ids(key_ids);
+        let fake = FakeServer::start(config).await.unwrap();
+        let c = OutlineClient::new(&endpoint_of(&fake), &ClientConfig::default()).unwrap();
+        assert_eq!(c.supports_chosen_ids().await.unwrap(), key_ids);
+        assert_eq!(c.supports_chosen_ids().await.unwrap(), key_ids);
+        assert_eq!(
+            fake.meter().total_requests,
+            1,
+            "{:?}",
+            fake.meter().requests
+        );
+        assert!(fake.users().is_empty());
+
+        let key = c.ensure_key(&sub("s1"), false).await.unwrap();
+        let (put, post) = if key_ids { (1, 0) } else { (0, 1) };
+        assert_eq!(requests(&fake, Endpoint::CreateKeyPut), put);
+        assert_eq!(requests(&fake, Endpoint::CreateKeyPost), post);
+        assert_eq!(
+            key.server_key_id == owned_outline_key_id(&sub("s1")),
+            key_ids
+        );
+        assert_eq!(fake.users().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_probe_that_fails_is_not_cached() {
+    let fake = FakeServer::start(FakeServerConfig::outline().with_outline_version("dev"))
+        .await
+        .unwrap();
+    let c = OutlineClient::new(&endpoint_of(&fake), &ClientConfig::default()).unwrap();
+    fake.inject(Some(Endpoint::GetKey), Fault::Status(503), 1);
+    let err = c.supports_chosen_ids().await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(c.supports_chosen_ids().await.unwrap());
+}
+
+#[tokio::test]
+async fn health_is_one_cheap_request_and_refused_connections_are_retryable() {
+    for fake in [v2ray().await, outline().await] {
+        let c = client(&fake);
+        c.ensure_key(&sub("s1"), false).await.unwrap();
+        fake.reset_meter();
+        c.health().await.unwrap();
+        let m = fake.meter();
+        let expected = match fake.kind() {
+            ServerKind::V2ray => Endpoint::GetLink,
+            ServerKind::Outline => Endpoint::ServerInfo,
+        };
+        assert_eq!((m.total_requests, requests(&fake, expected)), (1, 1));
+        assert!(matches!(m.log[0].status, 200 | 404), "{:?}", m.log);
+
+        fake.set_refusing(true);
+        // The pooled connection is cut (Interrupted), then new ones are refused (Connect).
+        let err = c.health().await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        let err = c.health().await.unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+        assert!(err.is_retryable());
+        assert_no_secret(&fake, &err);
+        fake.set_refusing(false);
+        c.health().await.unwrap();
+
+        fake.inject(None, Fault::Status(503), 1);
+        assert!(c.health().await.unwrap_err().is_retryable());
+    }
+    let fake = v2ray().await;
+    let endpoint = ServerEndpoint {
+        api_key: Some("wrong".into()),
+        ..endpoint_of(&fake)
+    };
+    let err = client_with(&endpoint, ClientConfig::default())
+        .health()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err:?}");
 }
 
 #[tokio::test]
