@@ -201,19 +201,23 @@ async fn post_with_an_existing_name_is_a_duplicate() {
     assert_eq!(ids, ["0", "1", "2", "3"]);
 }
 
+async fn reported_version(server: &FakeServer) -> String {
+    let response = outline(server, Method::GET, "/server")
+        .send()
+        .await
+        .unwrap();
+    json_of(response).await["version"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 #[tokio::test]
 async fn old_servers_have_no_put_or_get_by_id() {
     let server = FakeServer::start(FakeServerConfig::outline().with_outline_version("1.7.2"))
         .await
         .unwrap();
-    let info = json_of(
-        outline(&server, Method::GET, "/server")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(info["version"], "1.7.2");
+    assert_eq!(reported_version(&server).await, "1.7.2");
     let put = outline(&server, Method::PUT, "/access-keys/kf-s1")
         .json(&json!({"name": "kf-s1"}))
         .send()
@@ -237,14 +241,7 @@ async fn a_dev_build_reports_dev_whatever_its_api_has() {
             .with_outline_version("dev")
             .with_outline_key_ids(key_ids);
         let server = FakeServer::start(config).await.unwrap();
-        let info = json_of(
-            outline(&server, Method::GET, "/server")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(info["version"], "dev");
+        assert_eq!(reported_version(&server).await, "dev");
         let get = outline(&server, Method::GET, "/access-keys/nope")
             .send()
             .await
