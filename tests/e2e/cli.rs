@@ -314,3 +314,50 @@ async fn set_limit_changes_the_fleet_wide_limit_at_run_time() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn dead_jobs_can_be_purged_and_recover_re_derives_work_from_postgres() {
+    let env = TestEnv::new().await;
+    env.ok(&[
+        "server",
+        "add",
+        "--name",
+        "p1",
+        "--kind",
+        "v2ray",
+        "--api-url",
+        "http://127.0.0.1:1",
+        "--api-key",
+        "k",
+    ]);
+    env.ok(&["provision", "--subscription", "pu-1"]);
+    env.ok(&["provision", "--subscription", "pu-2"]);
+    for _ in 0..2 {
+        let keyfleet_queue::Claim::Job(job) = env.queue.claim("test").await.unwrap() else {
+            panic!("a create to claim");
+        };
+        let dead = keyfleet_queue::Finish::Dead {
+            error: "401".into(),
+            server_fault: false,
+        };
+        env.queue.finish(&job, &dead).await.unwrap();
+    }
+    assert_eq!(env.queue.stats().await.unwrap().dead, 2);
+    let out = env.ok(&["dlq", "purge", "--older-than-hours", "1"]);
+    assert!(out.contains("purged 0"), "{out}");
+    assert_rejected(&env.run(&["dlq", "purge"]), "required");
+    let out = env.ok(&["dlq", "purge", "--all"]);
+    assert!(out.contains("purged 2"), "{out}");
+    assert_eq!(env.queue.stats().await.unwrap().dead, 0);
+
+    // Redis loses everything; `keyfleet recover` puts the two pending creates back.
+    env.queue.purge().await.unwrap();
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&["recover", "--json"])).unwrap();
+    assert_eq!(report["creates"], 2, "{report}");
+    assert_eq!(report["enqueued"], 2, "{report}");
+    assert_eq!(env.queue.stats().await.unwrap().ready, 2);
+    let again: serde_json::Value = serde_json::from_str(&env.ok(&["recover", "--json"])).unwrap();
+    assert_eq!(again["enqueued"], 0, "nothing queued twice: {again}");
+    assert!(again["epoch"].as_i64() > report["epoch"].as_i64());
+    env.cleanup().await;
+}

@@ -44,6 +44,9 @@ impl TestEnv {
         store.migrate().await.unwrap();
         let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
         let queue = Queue::connect(&redis_url(), QueueConfig::new(&prefix)).unwrap();
+        // As a keyfleet process would on first use: fences from an epoch Postgres handed out.
+        let epoch = store.next_fence_epoch().await.unwrap();
+        queue.initialize(epoch).await.unwrap();
         Self {
             database,
             database_url,

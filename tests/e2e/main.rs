@@ -9,3 +9,4 @@ mod resilience;
 mod retries;
 mod support;
 mod sweeps;
+mod trust;

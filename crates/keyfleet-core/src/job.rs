@@ -63,7 +63,9 @@ impl FromStr for JobKind {
 
 /// A per-server job as it travels through Redis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+// Unknown fields are ignored, not rejected: during a rolling deploy a newer producer's payloads
+// (with fields this version does not know) must still run on older workers.
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobPayload {
     /// Make sure the subscription's key exists on the server and store its link. `existing`: the
     /// server already has our key under this id (found by reconcile): adopt it instead of creating.
@@ -162,6 +164,14 @@ impl JobPayload {
         }
     }
 
+    /// The per-key lock of jobs that act on one key (create, delete, config sync of one
+    /// subscription on one server): the queue never runs two of them at once, so each sees the
+    /// newest intent Postgres holds when it starts and no two interleave on the server.
+    pub fn key_lock(&self) -> Option<String> {
+        self.subscription()
+            .map(|sub| format!("{}:{sub}", self.server()))
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a job payload always serialises")
     }
@@ -202,6 +212,31 @@ mod tests {
         assert!(
             JobPayload::from_json(r#"{"kind":"reconcile"}"#).is_err(),
             "missing server"
+        );
+        assert_eq!(p.key_lock().as_deref(), Some("3:s1"));
+        assert_eq!(
+            JobPayload::delete(ServerId(3), SubscriptionId::parse("s1").unwrap()).key_lock(),
+            p.key_lock(),
+            "a key's create and delete share one lock"
+        );
+        assert_eq!(
+            JobPayload::Reconcile {
+                server: ServerId(3)
+            }
+            .key_lock(),
+            None
+        );
+    }
+
+    #[test]
+    fn payloads_from_a_newer_version_with_unknown_fields_still_decode() {
+        let p = JobPayload::from_json(
+            r#"{"kind":"create_key","server":3,"subscription":"s1","priority":"purchase","trace":{"id":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            JobPayload::create(ServerId(3), SubscriptionId::parse("s1").unwrap())
         );
     }
 }

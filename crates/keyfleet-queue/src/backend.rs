@@ -1,4 +1,5 @@
 use std::{
+    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -11,7 +12,20 @@ use apalis_core::{
 use futures::future::BoxFuture;
 use tower::layer::util::Identity;
 
+use keyfleet_core::ServerId;
+
 use crate::{Claim, ClaimedJob, Error, Finish, Queue, QueueConfig, WakeSignal};
+
+/// What the backend needs from the process it runs in when a claim returns no job to run.
+pub trait ClaimHooks: Send + Sync + 'static {
+    /// Redis holds no fence epoch (new, or it lost keyfleet's state): take an epoch from Postgres,
+    /// [`Queue::initialize`], and re-derive the lost work if this call initialised it. Claims wait
+    /// for it; it must back off by itself while Postgres is unreachable.
+    fn initialize(&self) -> BoxFuture<'static, ()>;
+    /// The server's circuit breaker is due a health probe: make one cheap request and report it
+    /// with [`Queue::probe_result`]. Runs beside the claims.
+    fn probe(&self, server: ServerId) -> BoxFuture<'static, ()>;
+}
 
 /// keyfleet's queue as an apalis backend: the worker asks for a job only when its service has a
 /// free slot, and each ask is one atomic claim in Redis. With nothing to claim it sleeps until a
@@ -21,6 +35,7 @@ pub struct QueueBackend {
     queue: Queue,
     worker_id: String,
     wake: WakeSignal,
+    hooks: Arc<dyn ClaimHooks>,
     state: State,
     error_backoff: Duration,
 }
@@ -33,11 +48,17 @@ enum State {
 }
 
 impl QueueBackend {
-    pub fn new(queue: Queue, worker_id: impl Into<String>, wake: WakeSignal) -> Self {
+    pub fn new(
+        queue: Queue,
+        worker_id: impl Into<String>,
+        wake: WakeSignal,
+        hooks: Arc<dyn ClaimHooks>,
+    ) -> Self {
         Self {
             queue,
             worker_id: worker_id.into(),
             wake,
+            hooks,
             state: State::Idle,
             error_backoff: MIN_BACKOFF,
         }
@@ -86,6 +107,14 @@ impl Backend for QueueBackend {
                             self.state = State::Idle;
                             self.error_backoff = MIN_BACKOFF;
                             return Poll::Ready(Some(Ok(Task::new(job))));
+                        }
+                        Ok(Claim::Probe(server)) => {
+                            self.error_backoff = MIN_BACKOFF;
+                            tokio::spawn(self.hooks.probe(server));
+                            self.state = State::Idle;
+                        }
+                        Ok(Claim::Uninitialized) => {
+                            self.state = State::Waiting(self.hooks.initialize());
                         }
                         Ok(Claim::Empty { next_due }) => {
                             self.error_backoff = MIN_BACKOFF;

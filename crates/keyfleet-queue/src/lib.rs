@@ -21,7 +21,7 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
-pub use backend::QueueBackend;
+pub use backend::{ClaimHooks, QueueBackend};
 pub use leases::{LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
@@ -71,8 +71,14 @@ pub struct QueueConfig {
     pub idle_poll: Duration,
     /// Consecutive transient failures of a server that open its circuit breaker.
     pub breaker_threshold: u32,
-    /// How long an open breaker keeps the server's jobs waiting before a half-open probe.
+    /// How long an open breaker keeps the server's jobs waiting before the first health probe;
+    /// each failed probe doubles it, up to `breaker_cooldown_cap`.
     pub breaker_cooldown: Duration,
+    pub breaker_cooldown_cap: Duration,
+    /// Dead jobs older than this are dropped (`None`: kept until replayed or purged).
+    pub dead_max_age: Option<Duration>,
+    /// At most this many dead jobs are kept; the oldest go first.
+    pub dead_max_count: Option<u64>,
 }
 
 impl QueueConfig {
@@ -83,6 +89,9 @@ impl QueueConfig {
             idle_poll: Duration::from_millis(500),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(5),
+            breaker_cooldown_cap: Duration::from_secs(300),
+            dead_max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+            dead_max_count: Some(100_000),
         }
     }
 }
@@ -103,6 +112,9 @@ pub struct ClaimedJob {
     /// Tries over the job's whole life, replays included: more than 1 means an earlier try may
     /// have reached the server.
     pub tries: u32,
+    /// When this process sent the claim: the lease is known to last at least until
+    /// `claimed_at + lease` (Redis started it after this instant).
+    pub claimed_at: std::time::Instant,
 }
 
 impl ClaimedJob {
@@ -132,6 +144,12 @@ pub struct Enqueued {
 #[derive(Debug)]
 pub enum Claim {
     Job(ClaimedJob),
+    /// This server's circuit breaker is due a health probe: the caller probes it (the probe holds
+    /// one of the server's slots) and reports with [`Queue::probe_result`].
+    Probe(ServerId),
+    /// Redis holds no fence epoch: it is new or lost keyfleet's state. Nothing can be claimed until
+    /// [`Queue::initialize`] raised the fences past every earlier epoch.
+    Uninitialized,
     /// Nothing claimable now; the earliest delayed job is due after this long, if any.
     Empty {
         next_due: Option<Duration>,
@@ -155,6 +173,30 @@ pub enum Finish {
     },
     /// Give the job back unstarted (shutdown): no attempt is spent.
     Release,
+    /// Run the job again at once under a fresh fence without spending an attempt: its result was
+    /// not applied for a reason that is not the job's (Redis handed out an old fence).
+    Requeue {
+        error: String,
+    },
+}
+
+/// What an attempt's finish did to its server's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerEvent {
+    Unchanged,
+    Opened,
+    /// A success closed the open breaker: work that failed while it was open may run again.
+    Closed,
+}
+
+/// How a health probe of an open breaker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Closed,
+    /// Still open, for the doubled cool-down.
+    StillOpen,
+    /// The probe had outlived its deadline and was taken back; nothing changed.
+    Expired,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +247,9 @@ pub struct QueueStats {
     pub dead: u64,
     pub done: u64,
 }
+
+/// Bits of a fence below its epoch: an epoch can hand out 2^40 fences.
+pub const FENCE_EPOCH_SHIFT: u32 = 40;
 
 /// The queue client: enqueue, claim, finish. Cheap to clone; one multiplexed connection.
 #[derive(Clone)]
@@ -266,6 +311,7 @@ impl Queue {
             .arg(payload.server().0)
             .arg(payload.kind().as_str())
             .arg(payload.kind().max_attempts())
+            .arg(payload.key_lock().unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await?;
         let id = JobId(
@@ -316,19 +362,162 @@ impl Queue {
 
     /// Claims the next job for `worker`, leasing it for the configured lease time.
     pub async fn claim(&self, worker: &str) -> Result<Claim> {
+        let claimed_at = std::time::Instant::now();
         let reply: Vec<Value> = self
             .scripts
             .claim
             .arg(&self.config.prefix)
             .arg(worker)
             .arg(self.config.lease.as_millis() as u64)
+            .arg(self.probe_deadline().as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        parse_claim(reply)
+        parse_claim(reply, claimed_at)
+    }
+
+    /// How long a health probe may take before the reaper takes its slot back.
+    fn probe_deadline(&self) -> Duration {
+        self.config.lease
+    }
+
+    /// Makes Redis usable after it lost keyfleet's state (or on first use): raises the fence
+    /// counter to at least `epoch << FENCE_EPOCH_SHIFT` — past every fence an earlier epoch handed
+    /// out, so Postgres never sees a fence go backwards — then marks the queue initialised. `epoch`
+    /// must come from Postgres (a sequence), never from Redis. Returns true when this call
+    /// initialised the queue.
+    pub async fn initialize(&self, epoch: i64) -> Result<bool> {
+        self.raise_fence(epoch << FENCE_EPOCH_SHIFT).await?;
+        self.mark_initialized(epoch).await
+    }
+
+    /// The second half of [`Queue::initialize`], for a caller that re-derives the lost work
+    /// before claims may start: raise the fences, enqueue, then mark. Returns true for the one
+    /// caller whose mark took effect.
+    pub async fn mark_initialized(&self, epoch: i64) -> Result<bool> {
+        let initialised: i64 = self
+            .scripts
+            .init
+            .arg(&self.config.prefix)
+            .arg(epoch)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(initialised == 1)
+    }
+
+    /// Raises the fence counter to at least `floor` (never lowers it). Exact for any i64: the
+    /// increment is computed from a read, and concurrent claims only push the counter higher.
+    pub async fn raise_fence(&self, floor: i64) -> Result<()> {
+        let current = self.current_fence().await?;
+        if current < floor {
+            let _: i64 = redis::cmd("INCRBY")
+                .arg(self.key("fence"))
+                .arg(floor - current)
+                .query_async(&mut self.conn.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The highest fence handed out so far (0 when Redis has none).
+    pub async fn current_fence(&self) -> Result<i64> {
+        let value: Option<i64> = redis::cmd("GET")
+            .arg(self.key("fence"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(value.unwrap_or(0))
+    }
+
+    /// Whether `job` is still running under this attempt's fence (its lease is held).
+    pub async fn is_current_attempt(&self, job: &ClaimedJob) -> Result<bool> {
+        let (state, fence): (Option<String>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.key(&format!("job:{}", job.id)))
+            .arg("state")
+            .arg("fence")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(state.as_deref() == Some("running") && fence == Some(job.fence))
+    }
+
+    /// Whether Redis holds keyfleet's state (a fence epoch); false after a data loss.
+    pub async fn is_initialized(&self) -> Result<bool> {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(self.key("epoch"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(exists)
+    }
+
+    /// Ends a health probe that a claim handed out ([`Claim::Probe`]).
+    pub async fn probe_result(&self, server: ServerId, healthy: bool) -> Result<ProbeOutcome> {
+        let reply: i64 = self
+            .scripts
+            .probe_result
+            .arg(&self.config.prefix)
+            .arg(server.0)
+            .arg(u8::from(healthy))
+            .arg(self.config.breaker_cooldown_cap.as_millis() as u64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply {
+            0 => Ok(ProbeOutcome::Expired),
+            1 => Ok(ProbeOutcome::Closed),
+            2 => Ok(ProbeOutcome::StillOpen),
+            other => Err(Error::Reply(format!("probe_result returned {other}"))),
+        }
+    }
+
+    /// Applies the dead-set retention (`dead_max_age`, `dead_max_count`); returns how many dead
+    /// jobs were dropped.
+    pub async fn trim_dead(&self) -> Result<u64> {
+        let cutoff = match self.config.dead_max_age {
+            Some(age) => (now_unix_ms() - age.as_millis() as i64).max(1),
+            None => 0,
+        };
+        let keep = self.config.dead_max_count.map_or(-1, |n| n as i64);
+        let mut dropped = 0;
+        loop {
+            let n: u64 = self
+                .scripts
+                .trim_dead
+                .arg(&self.config.prefix)
+                .arg(cutoff)
+                .arg(keep)
+                .arg(TRIM_BATCH)
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+            dropped += n;
+            if n < TRIM_BATCH {
+                return Ok(dropped);
+            }
+        }
+    }
+
+    /// Deletes dead jobs for good; returns those that were in the dead set.
+    pub async fn discard(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
+        let mut discarded = Vec::new();
+        for chunk in ids.chunks(500) {
+            let mut invocation = self.scripts.discard.arg(&self.config.prefix);
+            for id in chunk {
+                invocation.arg(id.0);
+            }
+            let codes: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+            discarded.extend(
+                chunk
+                    .iter()
+                    .zip(codes)
+                    .filter(|(_, c)| *c == 1)
+                    .map(|(id, _)| *id),
+            );
+        }
+        Ok(discarded)
     }
 
     /// Ends an attempt. Fenced: if the job's lease was lost to another attempt, nothing changes.
-    pub async fn finish(&self, job: &ClaimedJob, finish: &Finish) -> Result<FinishResult> {
+    pub async fn finish(
+        &self,
+        job: &ClaimedJob,
+        finish: &Finish,
+    ) -> Result<(FinishResult, BreakerEvent)> {
         let (outcome, delay, error, server_fault) = match finish {
             Finish::Done => ("done", Duration::ZERO, "", false),
             Finish::Retry {
@@ -341,8 +530,9 @@ impl Queue {
                 server_fault,
             } => ("dead", Duration::ZERO, error.as_str(), *server_fault),
             Finish::Release => ("release", Duration::ZERO, "", false),
+            Finish::Requeue { error } => ("requeue", Duration::ZERO, error.as_str(), false),
         };
-        let (reply, opened): (i64, i64) = self
+        let (reply, event): (i64, i64) = self
             .scripts
             .finish
             .arg(&self.config.prefix)
@@ -356,22 +546,29 @@ impl Queue {
             .arg(self.config.breaker_cooldown.as_millis() as u64)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        if opened == 1 {
-            tracing::warn!(
-                server_id = %job.server,
-                cooldown = ?self.config.breaker_cooldown,
-                "Circuit breaker opened: the server's jobs wait without spending attempts."
-            );
-        }
-        match reply {
-            0 => Ok(FinishResult::Fenced),
-            1 => Ok(FinishResult::Applied),
-            2 => Ok(FinishResult::DeadLettered),
-            other => Err(Error::Reply(format!("finish returned {other}"))),
-        }
+        let event = match event {
+            1 => {
+                tracing::warn!(
+                    server_id = %job.server,
+                    cooldown = ?self.config.breaker_cooldown,
+                    "Circuit breaker opened: the server's jobs wait without spending attempts until a health probe succeeds."
+                );
+                BreakerEvent::Opened
+            }
+            2 => BreakerEvent::Closed,
+            _ => BreakerEvent::Unchanged,
+        };
+        let result = match reply {
+            0 => FinishResult::Fenced,
+            1 => FinishResult::Applied,
+            2 => FinishResult::DeadLettered,
+            other => return Err(Error::Reply(format!("finish returned {other}"))),
+        };
+        Ok((result, event))
     }
 
-    /// Extends the leases of jobs still held; returns those whose lease was already lost.
+    /// Extends the leases of jobs still held; returns those whose lease is lost (the job moved on
+    /// to another attempt, or is gone: finished meanwhile, or lost with Redis's data).
     pub async fn heartbeat(&self, held: &[(JobId, i64)]) -> Result<Vec<JobId>> {
         if held.is_empty() {
             return Ok(vec![]);
@@ -422,7 +619,7 @@ impl Queue {
             .await?;
         let mut pipe = redis::pipe();
         for s in &servers {
-            pipe.cmd("LLEN").arg(self.key(&format!("ready:{s}")));
+            pipe.cmd("HGET").arg(self.key("nready")).arg(s);
         }
         pipe.cmd("ZCARD").arg(self.key("leases"));
         pipe.cmd("ZCARD").arg(self.key("delayed"));
@@ -571,7 +768,15 @@ fn escape_glob(s: &str) -> String {
         .collect()
 }
 
-fn parse_claim(reply: Vec<Value>) -> Result<Claim> {
+const TRIM_BATCH: u64 = 1000;
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn parse_claim(reply: Vec<Value>, claimed_at: std::time::Instant) -> Result<Claim> {
     let text = |v: &Value| -> Result<String> {
         redis::from_redis_value_ref::<String>(v).map_err(|e| Error::Reply(format!("claim: {e}")))
     };
@@ -579,6 +784,8 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim> {
         redis::from_redis_value_ref::<i64>(v).map_err(|e| Error::Reply(format!("claim: {e}")))
     };
     match reply.as_slice() {
+        [marker, _] if text(marker)? == "!" => Ok(Claim::Uninitialized),
+        [marker, server] if text(marker)? == "?" => Ok(Claim::Probe(ServerId(int(server)?))),
         [marker, due] if text(marker)?.is_empty() => {
             let due = int(due)?;
             Ok(Claim::Empty {
@@ -595,6 +802,7 @@ fn parse_claim(reply: Vec<Value>) -> Result<Claim> {
                 fence: int(fence)?,
                 server: ServerId(int(server)?),
                 enqueued_at_ms: int(enqueued_at)?,
+                claimed_at,
             }))
         }
         other => Err(Error::Reply(format!(

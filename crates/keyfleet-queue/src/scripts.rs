@@ -12,6 +12,10 @@ pub(crate) struct Scripts {
     pub set_limit: Script,
     pub replay: Script,
     pub cancel: Script,
+    pub init: Script,
+    pub probe_result: Script,
+    pub trim_dead: Script,
+    pub discard: Script,
 }
 
 macro_rules! script {
@@ -36,6 +40,10 @@ impl Scripts {
             set_limit: script!("set_limit.lua"),
             replay: script!("replay.lua"),
             cancel: script!("cancel.lua"),
+            init: script!("init.lua"),
+            probe_result: script!("probe_result.lua"),
+            trim_dead: script!("trim_dead.lua"),
+            discard: script!("discard.lua"),
         })
     }
 }

@@ -5,14 +5,33 @@ use std::time::Duration;
 
 use keyfleet_core::{JobKind, JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{
-    Claim, ClaimedJob, Enqueued, Finish, FinishResult, JobId, Queue, QueueConfig, ReplayOutcome,
+    BreakerEvent, Claim, ClaimedJob, Enqueued, FENCE_EPOCH_SHIFT, Finish, FinishResult, JobId,
+    ProbeOutcome, Queue, QueueConfig, ReplayOutcome,
 };
 
-fn queue(lease: Duration) -> Queue {
+fn config() -> QueueConfig {
+    QueueConfig::new(format!("kftest:{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// A queue under a fresh prefix, initialised at fence epoch 1.
+async fn connect(config: QueueConfig) -> Queue {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut config = QueueConfig::new(format!("kftest:{}", uuid::Uuid::new_v4().simple()));
+    let q = Queue::connect(&url, config).unwrap();
+    assert!(
+        q.initialize(1).await.unwrap(),
+        "a new prefix starts uninitialised"
+    );
+    q
+}
+
+async fn queue(lease: Duration) -> Queue {
+    let mut config = config();
     config.lease = lease;
-    Queue::connect(&url, config).unwrap()
+    connect(config).await
+}
+
+async fn finish(q: &Queue, job: &ClaimedJob, how: &Finish) -> FinishResult {
+    q.finish(job, how).await.unwrap().0
 }
 
 fn create(server: i64, sub: &str) -> JobPayload {
@@ -23,6 +42,7 @@ async fn claim(q: &Queue) -> Option<ClaimedJob> {
     match q.claim("test-worker").await.unwrap() {
         Claim::Job(job) => Some(job),
         Claim::Empty { .. } => None,
+        other => panic!("expected a job or nothing, got {other:?}"),
     }
 }
 
@@ -33,7 +53,7 @@ async fn cleanup(q: Queue) {
 
 #[tokio::test]
 async fn same_operation_enqueued_twice_is_one_job() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     let first = q.enqueue(&create(1, "a")).await.unwrap();
     let second = q.enqueue(&create(1, "a")).await.unwrap();
     assert!(first.created && !second.created);
@@ -44,7 +64,7 @@ async fn same_operation_enqueued_twice_is_one_job() {
 
 #[tokio::test]
 async fn claim_respects_the_server_limit_and_rotates_over_servers() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     q.set_limits(&[(ServerId(1), 2), (ServerId(2), 1)])
         .await
         .unwrap();
@@ -62,10 +82,7 @@ async fn claim_respects_the_server_limit_and_rotates_over_servers() {
     assert!(claimed.windows(2).all(|w| w[0].fence < w[1].fence));
     // Finishing one job of server 2 frees its slot.
     let done = claimed.iter().find(|j| j.server == ServerId(2)).unwrap();
-    assert_eq!(
-        q.finish(done, &Finish::Done).await.unwrap(),
-        FinishResult::Applied
-    );
+    assert_eq!(finish(&q, done, &Finish::Done).await, FinishResult::Applied);
     let next = claim(&q).await.expect("a slot of server 2 is free again");
     assert_eq!(next.server, ServerId(2));
     assert!(claim(&q).await.is_none());
@@ -74,7 +91,7 @@ async fn claim_respects_the_server_limit_and_rotates_over_servers() {
 
 #[tokio::test]
 async fn an_attempt_whose_lease_expired_is_fenced_out() {
-    let q = queue(Duration::from_millis(100));
+    let q = queue(Duration::from_millis(100)).await;
     q.set_limits(&[(ServerId(1), 5)]).await.unwrap();
     q.enqueue(&create(1, "z")).await.unwrap();
     let zombie = claim(&q).await.unwrap();
@@ -85,11 +102,11 @@ async fn an_attempt_whose_lease_expired_is_fenced_out() {
     assert_eq!(fresh.attempt, 2, "the lost attempt counted");
     assert!(fresh.fence > zombie.fence);
     assert_eq!(
-        q.finish(&zombie, &Finish::Done).await.unwrap(),
+        finish(&q, &zombie, &Finish::Done).await,
         FinishResult::Fenced
     );
     assert_eq!(
-        q.finish(&fresh, &Finish::Done).await.unwrap(),
+        finish(&q, &fresh, &Finish::Done).await,
         FinishResult::Applied
     );
     assert_eq!(q.stats().await.unwrap().done, 1);
@@ -98,7 +115,7 @@ async fn an_attempt_whose_lease_expired_is_fenced_out() {
 
 #[tokio::test]
 async fn retries_wait_in_the_delayed_set_and_spent_attempts_dead_letter() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     q.set_limits(&[(ServerId(1), 1)]).await.unwrap();
     q.enqueue(&create(1, "r")).await.unwrap();
     let mut job = claim(&q).await.unwrap();
@@ -108,7 +125,7 @@ async fn retries_wait_in_the_delayed_set_and_spent_attempts_dead_letter() {
         server_fault: false,
     };
     loop {
-        let result = q.finish(&job, &retry).await.unwrap();
+        let result = finish(&q, &job, &retry).await;
         if result == FinishResult::DeadLettered {
             break;
         }
@@ -124,7 +141,7 @@ async fn retries_wait_in_the_delayed_set_and_spent_attempts_dead_letter() {
 
 #[tokio::test]
 async fn release_gives_the_job_back_without_spending_an_attempt() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     q.enqueue(&create(1, "x")).await.unwrap();
     let job = claim(&q).await.unwrap();
     q.finish(&job, &Finish::Release).await.unwrap();
@@ -135,7 +152,7 @@ async fn release_gives_the_job_back_without_spending_an_attempt() {
 
 #[tokio::test]
 async fn the_same_key_with_another_payload_is_refused() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     let first = q.enqueue_keyed("order-17", &create(1, "a")).await.unwrap();
     assert_eq!(
         q.enqueue_keyed("order-17", &create(1, "a")).await.unwrap(),
@@ -155,7 +172,7 @@ async fn the_same_key_with_another_payload_is_refused() {
     assert!(q.enqueue_keyed("", &create(1, "a")).await.is_err());
     // Once the job is done the key is released: the operation can be asked for again.
     let job = claim(&q).await.unwrap();
-    q.finish(&job, &Finish::Done).await.unwrap();
+    finish(&q, &job, &Finish::Done).await;
     assert!(
         q.enqueue_keyed("order-17", &create(2, "a"))
             .await
@@ -166,12 +183,12 @@ async fn the_same_key_with_another_payload_is_refused() {
 }
 
 #[tokio::test]
-async fn a_failing_server_trips_its_breaker_without_spending_the_others_attempts() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut config = QueueConfig::new(format!("kftest:{}", uuid::Uuid::new_v4().simple()));
+async fn an_open_breaker_is_probed_with_health_checks_that_spend_no_job_attempts() {
+    let mut config = config();
     config.breaker_threshold = 2;
-    config.breaker_cooldown = Duration::from_millis(300);
-    let q = Queue::connect(&url, config).unwrap();
+    config.breaker_cooldown = Duration::from_millis(200);
+    config.breaker_cooldown_cap = Duration::from_millis(300);
+    let q = connect(config).await;
     q.set_limits(&[(ServerId(1), 4), (ServerId(2), 4)])
         .await
         .unwrap();
@@ -179,13 +196,10 @@ async fn a_failing_server_trips_its_breaker_without_spending_the_others_attempts
         q.enqueue(&create(1, &format!("bad-{i}"))).await.unwrap();
     }
     q.enqueue(&create(2, "good")).await.unwrap();
-    let fail = |job: &ClaimedJob| {
-        let _ = job;
-        Finish::Retry {
-            delay: Duration::from_secs(60),
-            error: "503".into(),
-            server_fault: true,
-        }
+    let fail = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "503".into(),
+        server_fault: true,
     };
     // Two transient failures of server 1 open its breaker.
     let mut taken = vec![];
@@ -197,10 +211,12 @@ async fn a_failing_server_trips_its_breaker_without_spending_the_others_attempts
     {
         taken.push(claim(&q).await.unwrap());
     }
+    let mut events = vec![];
     for job in taken.iter().filter(|j| j.server == ServerId(1)) {
-        q.finish(job, &fail(job)).await.unwrap();
+        events.push(q.finish(job, &fail).await.unwrap().1);
     }
-    // Server 1's two other jobs now wait; server 2 is unaffected.
+    assert_eq!(events, [BreakerEvent::Unchanged, BreakerEvent::Opened]);
+    // Server 1's jobs (the two that failed are due again at once) now wait; server 2 is unaffected.
     let mut claimable = vec![];
     while let Some(job) = claim(&q).await {
         claimable.push(job);
@@ -209,22 +225,260 @@ async fn a_failing_server_trips_its_breaker_without_spending_the_others_attempts
         claimable.iter().all(|j| j.server == ServerId(2)),
         "server 1 is paused: {claimable:?}"
     );
-    // After the cool-down: half-open, one probe at a time.
-    tokio::time::sleep(Duration::from_millis(350)).await;
-    let probe = claim(&q).await.expect("a probe job after the cool-down");
-    assert_eq!(probe.server, ServerId(1));
-    assert_eq!(probe.attempt, 1, "waiting jobs spent no attempts");
-    assert!(claim(&q).await.is_none(), "only one probe while half-open");
-    // A successful probe closes the breaker: the full limit applies again.
-    q.finish(&probe, &Finish::Done).await.unwrap();
-    let last = claim(&q).await.expect("closed again");
-    assert_eq!(last.server, ServerId(1));
+    // After the cool-down the claim hands out a health probe, not a job; while it runs, none of
+    // the server's jobs is claimable.
+    let probe = wait_for_probe(&q).await;
+    assert_eq!(probe, ServerId(1));
+    assert!(claim(&q).await.is_none(), "no job while the probe runs");
+    // A failed probe keeps it open for twice the cool-down (capped at 300 ms).
+    assert_eq!(
+        q.probe_result(probe, false).await.unwrap(),
+        ProbeOutcome::StillOpen
+    );
+    assert!(claim(&q).await.is_none());
+    let probe = wait_for_probe(&q).await;
+    assert_eq!(
+        q.probe_result(probe, true).await.unwrap(),
+        ProbeOutcome::Closed
+    );
+    assert_eq!(
+        q.probe_result(probe, true).await.unwrap(),
+        ProbeOutcome::Expired,
+        "a probe is reported once"
+    );
+    // Closed: all four jobs are claimable at the full limit, and none spent an attempt while the
+    // breaker was open (the two that failed spent one each).
+    let mut back = vec![];
+    while let Some(job) = claim(&q).await {
+        back.push(job);
+    }
+    assert_eq!(back.len(), 4, "{back:?}");
+    let attempts: u32 = back.iter().map(|j| j.attempt).sum();
+    assert_eq!(attempts, 4 + 2);
+    cleanup(q).await;
+}
+
+async fn wait_for_probe(q: &Queue) -> ServerId {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match q.claim("prober").await.unwrap() {
+            Claim::Probe(server) => return server,
+            Claim::Empty { next_due } => {
+                assert!(std::time::Instant::now() < deadline, "no probe came due");
+                tokio::time::sleep(
+                    next_due
+                        .unwrap_or(Duration::from_millis(20))
+                        .max(Duration::from_millis(5)),
+                )
+                .await;
+            }
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn fences_never_go_backwards_when_redis_loses_its_data() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.enqueue(&create(1, "f")).await.unwrap();
+    let before = claim(&q).await.unwrap();
+    assert!(
+        before.fence > 1 << FENCE_EPOCH_SHIFT,
+        "epoch 1 fences start above 2^40"
+    );
+    // Redis loses everything (a restart without persistence): nothing is claimable until the
+    // queue is initialised again, from an epoch Postgres hands out.
+    q.purge().await.unwrap();
+    q.enqueue(&create(1, "f")).await.unwrap();
+    assert!(matches!(q.claim("w").await.unwrap(), Claim::Uninitialized));
+    assert!(q.initialize(2).await.unwrap(), "this call initialised it");
+    assert!(
+        !q.initialize(3).await.unwrap(),
+        "only one caller re-derives the lost work"
+    );
+    let after = claim(&q).await.unwrap();
+    assert!(
+        after.fence > before.fence,
+        "{} must exceed the pre-loss fence {}",
+        after.fence,
+        before.fence
+    );
+    // A restore from an old snapshot can leave the counter behind what Postgres saw; raising it
+    // is exact and never lowers it.
+    q.raise_fence(after.fence + 1_000).await.unwrap();
+    assert_eq!(q.current_fence().await.unwrap(), after.fence + 1_000);
+    q.raise_fence(5).await.unwrap();
+    assert_eq!(q.current_fence().await.unwrap(), after.fence + 1_000);
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_backlog_neither_stalls_claims_nor_counts_as_ready() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 1)]).await.unwrap();
+    let subs: Vec<String> = (0..3000).map(|i| format!("c{i}")).collect();
+    for sub in &subs {
+        q.enqueue(&create(1, sub)).await.unwrap();
+    }
+    let doomed: Vec<JobPayload> = subs[..2999].iter().map(|s| create(1, s)).collect();
+    assert_eq!(q.cancel(&doomed).await.unwrap(), 2999);
+    assert_eq!(q.stats().await.unwrap().ready, 1);
+    let job = claim(&q)
+        .await
+        .expect("the one live job behind 2,999 cancelled ids");
+    assert_eq!(
+        JobPayload::from_json(&job.payload).unwrap(),
+        create(1, "c2999")
+    );
+    assert_eq!(q.stats().await.unwrap().ready, 0);
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn jobs_of_one_key_never_run_at_once_and_run_in_intent_order() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 4)]).await.unwrap();
+    let sub = SubscriptionId::parse("k").unwrap();
+    q.enqueue(&create(1, "k")).await.unwrap();
+    let running = claim(&q).await.unwrap();
+    q.enqueue(&JobPayload::delete(ServerId(1), sub.clone()))
+        .await
+        .unwrap();
+    q.enqueue(&JobPayload::SyncConfig {
+        server: ServerId(1),
+        subscription: sub.clone(),
+    })
+    .await
+    .unwrap();
+    q.enqueue(&create(1, "other")).await.unwrap();
+    // The delete and the sync wait for the running create; another key's job is not held up.
+    let other = claim(&q).await.unwrap();
+    assert_eq!(
+        JobPayload::from_json(&other.payload).unwrap(),
+        create(1, "other")
+    );
+    assert!(
+        claim(&q).await.is_none(),
+        "the key's other jobs wait for its lock"
+    );
+    assert_eq!(
+        q.in_flight().await.unwrap(),
+        vec![(ServerId(1), 2)],
+        "waiting jobs hold no slot"
+    );
+    // A retry frees the lock too: the delete runs next, then the sync, one at a time.
+    let retry = Finish::Retry {
+        delay: Duration::from_secs(60),
+        error: "503".into(),
+        server_fault: false,
+    };
+    assert_eq!(finish(&q, &running, &retry).await, FinishResult::Applied);
+    let delete = claim(&q).await.unwrap();
+    assert_eq!(delete.attempt, 1, "parking spent no attempt");
+    assert_eq!(
+        JobPayload::from_json(&delete.payload).unwrap(),
+        JobPayload::delete(ServerId(1), sub.clone())
+    );
+    assert!(claim(&q).await.is_none());
+    finish(&q, &delete, &Finish::Done).await;
+    let sync = claim(&q).await.unwrap();
+    assert_eq!(
+        JobPayload::from_json(&sync.payload).unwrap().kind(),
+        JobKind::SyncConfig
+    );
+    // A waiting job can still be cancelled.
+    q.enqueue(&JobPayload::delete(ServerId(1), sub.clone()))
+        .await
+        .unwrap();
+    assert!(claim(&q).await.is_none());
+    assert_eq!(
+        q.cancel(&[JobPayload::delete(ServerId(1), sub.clone())])
+            .await
+            .unwrap(),
+        1
+    );
+    finish(&q, &sync, &Finish::Done).await;
+    assert!(claim(&q).await.is_none(), "the cancelled delete never runs");
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_reports_a_job_that_redis_lost_as_lost() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.enqueue(&create(1, "h")).await.unwrap();
+    let job = claim(&q).await.unwrap();
+    assert!(
+        q.heartbeat(&[(job.id, job.fence)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        q.heartbeat(&[(job.id, job.fence + 1)]).await.unwrap(),
+        vec![job.id],
+        "another attempt's fence"
+    );
+    q.purge().await.unwrap();
+    assert_eq!(
+        q.heartbeat(&[(job.id, job.fence)]).await.unwrap(),
+        vec![job.id]
+    );
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn requeue_runs_the_job_again_with_a_fresh_fence_and_no_attempt_spent() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.enqueue(&create(1, "q")).await.unwrap();
+    let job = claim(&q).await.unwrap();
+    let requeue = Finish::Requeue {
+        error: "fence behind Postgres".into(),
+    };
+    assert_eq!(finish(&q, &job, &requeue).await, FinishResult::Applied);
+    let again = claim(&q).await.unwrap();
+    assert_eq!((again.id, again.attempt, again.tries), (job.id, 1, 2));
+    assert!(again.tried_before(), "it may have acted on the server");
+    assert!(again.fence > job.fence);
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn the_dead_set_keeps_what_its_retention_allows_and_discards_on_demand() {
+    let mut config = config();
+    config.dead_max_count = Some(3);
+    let q = connect(config).await;
+    let dead = Finish::Dead {
+        error: "401".into(),
+        server_fault: false,
+    };
+    let mut ids = vec![];
+    for i in 0..5 {
+        q.enqueue(&create(1, &format!("d{i}"))).await.unwrap();
+        let job = claim(&q).await.unwrap();
+        finish(&q, &job, &dead).await;
+        ids.push(job.id);
+    }
+    assert_eq!(q.trim_dead().await.unwrap(), 2);
+    let left: Vec<JobId> = q
+        .dead_jobs(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left.len(), 3);
+    assert!(
+        !left.contains(&ids[0]) && !left.contains(&ids[1]),
+        "the oldest go first"
+    );
+    assert_eq!(q.discard(&[ids[4], ids[0]]).await.unwrap(), vec![ids[4]]);
+    assert_eq!(q.stats().await.unwrap().dead, 2);
     cleanup(q).await;
 }
 
 #[tokio::test]
 async fn dead_jobs_are_listed_with_their_reason_and_can_be_replayed() {
-    let q = queue(Duration::from_secs(10));
+    let q = queue(Duration::from_secs(10)).await;
     q.enqueue(&create(1, "d")).await.unwrap();
     let job = claim(&q).await.unwrap();
     q.finish(

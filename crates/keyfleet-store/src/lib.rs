@@ -4,6 +4,7 @@
 //! Invariant: Postgres is the source of truth for intent. Every write that records a job's result
 //! is fenced (`keys.fence <= attempt's fence`), so a stale attempt can never overwrite a newer one.
 
+mod intent;
 mod keys;
 mod servers;
 mod subscriptions;
@@ -17,10 +18,11 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+pub use intent::DeleteIntent;
 pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount, WriteOutcome};
 pub use servers::{NewServer, Server};
 pub use subscriptions::ProvisionPlan;
-pub use sweeps::{StoredKey, TrafficKind};
+pub use sweeps::{StoredKey, TrafficKind, TrafficOutcome};
 pub use writeback::{Contributors, WriteBack, WriteBackConfig};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

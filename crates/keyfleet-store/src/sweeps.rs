@@ -26,6 +26,15 @@ impl StoredKey {
     }
 }
 
+/// What recording a traffic reading did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficOutcome {
+    /// Applied: this many keys updated.
+    Applied(u64),
+    /// A collection with a newer fence was already applied.
+    Fenced { row_fence: i64 },
+}
+
 /// How a server reports traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrafficKind {
@@ -40,7 +49,9 @@ fn sub_of(row: &sqlx::postgres::PgRow, column: &str) -> Result<SubscriptionId> {
     SubscriptionId::parse(&raw).map_err(|e| Error::Rejected(format!("keys.subscription_id: {e}")))
 }
 
-fn server_and_subscription(row: &sqlx::postgres::PgRow) -> Result<(ServerId, SubscriptionId)> {
+pub(crate) fn server_and_subscription(
+    row: &sqlx::postgres::PgRow,
+) -> Result<(ServerId, SubscriptionId)> {
     Ok((
         ServerId(row.try_get("server_id")?),
         sub_of(row, "subscription_id")?,
@@ -192,8 +203,8 @@ impl Store {
         })
     }
 
-    /// Records one server's traffic readings in one statement; returns the keys updated, or `None`
-    /// when a collection with a newer fence was already applied. Cumulative counters: a reading
+    /// Records one server's traffic readings in one statement; returns the keys updated, or the
+    /// fence of the newer collection that was already applied. Cumulative counters: a reading
     /// below the last one means the counter reset, and the reading itself is the traffic since; a
     /// key missing from the readings has no counter (no traffic since the reset); totals never go
     /// down.
@@ -203,7 +214,7 @@ impl Store {
         kind: TrafficKind,
         fence: i64,
         readings: &[(String, i64)],
-    ) -> Result<Option<u64>> {
+    ) -> Result<TrafficOutcome> {
         let ids: Vec<&str> = readings.iter().map(|(id, _)| id.as_str()).collect();
         let bytes: Vec<i64> = readings.iter().map(|(_, b)| (*b).max(0)).collect();
         let sql = match kind {
@@ -223,16 +234,20 @@ impl Store {
             }
         };
         let mut tx = self.pool.begin().await?;
-        let newest = sqlx::query(
-            "UPDATE servers SET traffic_fence = $2 WHERE id = $1 AND traffic_fence < $2 RETURNING 1",
-        )
-        .bind(server.0)
-        .bind(fence)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if newest.is_none() {
-            return Ok(None);
+        let row_fence: i64 =
+            sqlx::query("SELECT traffic_fence FROM servers WHERE id = $1 FOR UPDATE")
+                .bind(server.0)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+        if row_fence >= fence {
+            return Ok(TrafficOutcome::Fenced { row_fence });
         }
+        sqlx::query("UPDATE servers SET traffic_fence = $2 WHERE id = $1")
+            .bind(server.0)
+            .bind(fence)
+            .execute(&mut *tx)
+            .await?;
         let done = sqlx::query(sql)
             .bind(server.0)
             .bind(&ids)
@@ -257,11 +272,19 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(done.rows_affected()))
+        Ok(TrafficOutcome::Applied(done.rows_affected()))
     }
 
-    /// Claims a scheduled tick of a sweep for `by`; true for exactly one caller per (sweep, tick).
-    pub async fn claim_tick(&self, sweep: &str, tick_at: DateTime<Utc>, by: &str) -> Result<bool> {
+    /// Claims a scheduled tick of a sweep for `by` inside `tx`; true for exactly one caller per
+    /// (sweep, tick). The claim holds only if `tx` commits: commit it after the sweep ran, so a
+    /// sweep that failed leaves its tick to be tried again.
+    pub async fn claim_tick(
+        &self,
+        tx: &mut crate::Transaction,
+        sweep: &str,
+        tick_at: DateTime<Utc>,
+        by: &str,
+    ) -> Result<bool> {
         let row = sqlx::query(
             "INSERT INTO sweep_ticks (sweep, tick_at, fired_by) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING RETURNING 1",
@@ -269,7 +292,7 @@ impl Store {
         .bind(sweep)
         .bind(tick_at)
         .bind(by)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut **tx)
         .await?;
         Ok(row.is_some())
     }

@@ -52,8 +52,8 @@ use keyfleet::worker::claim_loops;
 use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
 use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
 use keyfleet_queue::{
-    Claim, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, QueueBackend, QueueConfig,
-    WakeSignal, spawn_maintenance,
+    Claim, ClaimHooks, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, QueueBackend,
+    QueueConfig, WakeSignal, spawn_maintenance,
 };
 use tokio::sync::watch;
 use tower::limit::ConcurrencyLimitLayer;
@@ -617,10 +617,25 @@ struct KeyfleetJob {
     progress: Arc<Progress>,
 }
 
+/// The benchmark's queues are initialised before they run and no server fails: the hooks are
+/// never needed.
+struct BenchHooks;
+
+impl ClaimHooks for BenchHooks {
+    fn initialize(&self) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async { panic!("the benchmark initialises its queue before running") })
+    }
+    fn probe(&self, _: ServerId) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async { panic!("no breaker opens in the benchmark") })
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(15);
+
 /// keyfleet's handler: hold the lease (heartbeats extend it), do the work, acknowledge with a
 /// fenced `finish`.
 async fn keyfleet_job(job: ClaimedJob, ctx: Data<KeyfleetJob>) -> Result<(), BoxDynError> {
-    let _lease = ctx.leases.hold(&job);
+    let _lease = ctx.leases.hold(&job, LEASE);
     if let Some(http) = &ctx.http {
         let ok = match JobPayload::from_json(&job.payload) {
             Ok(payload) => http.round_trip(&payload).await,
@@ -631,7 +646,7 @@ async fn keyfleet_job(job: ClaimedJob, ctx: Data<KeyfleetJob>) -> Result<(), Box
         }
     }
     match ctx.queue.finish(&job, &Finish::Done).await {
-        Ok(FinishResult::Applied) => {}
+        Ok((FinishResult::Applied, _)) => {}
         _ => ctx.progress.error(),
     }
     ctx.progress.complete();
@@ -650,6 +665,7 @@ async fn run_keyfleet(
     let queue = Queue::connect(redis_url, QueueConfig::new(prefix))?;
     let (http, fleet) = http.unzip();
     let result = async {
+        queue.initialize(1).await?;
         let limits: Vec<(ServerId, u32)> =
             (1..=SERVERS as i64).map(|s| (ServerId(s), limit)).collect();
         queue.set_limits(&limits).await?;
@@ -678,6 +694,7 @@ async fn run_keyfleet(
                     queue.clone(),
                     name.as_str(),
                     wake.clone(),
+                    Arc::new(BenchHooks),
                 ))
                 .layer(ConcurrencyLimitLayer::new(
                     concurrency / workers + usize::from(w < concurrency % workers),
@@ -859,6 +876,7 @@ async fn script_costs(redis_url: &str, n: usize) -> anyhow::Result<ScriptCosts> 
         .get_multiplexed_async_connection()
         .await?;
     let result = async {
+        queue.initialize(1).await?;
         let limits: Vec<(ServerId, u32)> = (1..=SERVERS as i64)
             .map(|s| (ServerId(s), n as u32))
             .collect();
@@ -881,7 +899,7 @@ async fn script_costs(redis_url: &str, n: usize) -> anyhow::Result<ScriptCosts> 
         for _ in 0..n {
             match queue.claim("kfbench-claim").await? {
                 Claim::Job(job) => claimed.push(job),
-                Claim::Empty { .. } => bail!("ran out of jobs to claim"),
+                other => bail!("ran out of jobs to claim: {other:?}"),
             }
         }
         let claim = per_call(started, before, script_micros(&mut stats).await?);

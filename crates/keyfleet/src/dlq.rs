@@ -1,4 +1,5 @@
-//! The dead-letter set as operators see it: list with reasons, replay by id, server or all.
+//! The dead-letter set as operators see it: list with reasons, replay or purge by id, server, age
+//! or all.
 
 use keyfleet_core::JobPayload;
 use keyfleet_queue::{DeadJob, JobId, Queue, ReplayOutcome};
@@ -32,7 +33,50 @@ pub async fn list(store: &Store, queue: &Queue, limit: usize) -> anyhow::Result<
 pub enum Selection {
     Ids(Vec<JobId>),
     Server(String),
+    /// Dead for longer than this.
+    OlderThan(std::time::Duration),
     All,
+}
+
+const EVERYTHING: usize = 1_000_000;
+
+/// The ids of the selected dead jobs, and the dead set as read.
+async fn select(
+    store: &Store,
+    queue: &Queue,
+    selection: Selection,
+) -> anyhow::Result<(Vec<JobId>, Vec<DeadJob>)> {
+    let dead: Vec<DeadJob> = queue.dead_jobs(EVERYTHING).await?;
+    let ids: Vec<JobId> = match selection {
+        Selection::Ids(ids) => ids,
+        Selection::Server(name) => {
+            let server = store.server_by_name(&name).await?;
+            dead.iter()
+                .filter(|j| j.server == server.id)
+                .map(|j| j.id)
+                .collect()
+        }
+        Selection::OlderThan(age) => {
+            let cutoff = chrono::Utc::now().timestamp_millis() - age.as_millis() as i64;
+            dead.iter()
+                .filter(|j| j.dead_at_ms < cutoff)
+                .map(|j| j.id)
+                .collect()
+        }
+        Selection::All => dead.iter().map(|j| j.id).collect(),
+    };
+    Ok((ids, dead))
+}
+
+/// Deletes the selected dead jobs for good; returns those that were dead. Their keys keep the
+/// failure recorded in Postgres.
+pub async fn purge(
+    store: &Store,
+    queue: &Queue,
+    selection: Selection,
+) -> anyhow::Result<Vec<JobId>> {
+    let (ids, _) = select(store, queue, selection).await?;
+    Ok(queue.discard(&ids).await?)
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,19 +92,7 @@ pub async fn replay(
     queue: &Queue,
     selection: Selection,
 ) -> anyhow::Result<ReplayReport> {
-    const EVERYTHING: usize = 1_000_000;
-    let dead: Vec<DeadJob> = queue.dead_jobs(EVERYTHING).await?;
-    let ids: Vec<JobId> = match selection {
-        Selection::Ids(ids) => ids,
-        Selection::Server(name) => {
-            let server = store.server_by_name(&name).await?;
-            dead.iter()
-                .filter(|j| j.server == server.id)
-                .map(|j| j.id)
-                .collect()
-        }
-        Selection::All => dead.iter().map(|j| j.id).collect(),
-    };
+    let (ids, dead) = select(store, queue, selection).await?;
     let mut report = ReplayReport::default();
     let mut pending_again = Vec::new();
     for (id, outcome) in queue.replay(&ids).await? {

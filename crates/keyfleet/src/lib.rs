@@ -5,6 +5,7 @@ pub mod demo;
 pub mod dlq;
 pub mod producer;
 pub mod reconcile;
+pub mod recovery;
 pub mod schedule;
 pub mod scheduler;
 pub mod servers;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use keyfleet::{
     demo, dlq,
     producer::Producer,
+    recovery,
     schedule::Schedule,
     scheduler::Scheduler,
     servers::validate_new_server,
@@ -89,9 +90,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Inspect and replay dead-lettered jobs.
+    /// Inspect, replay and purge dead-lettered jobs.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Re-derive every outstanding operation from Postgres into Redis (pending creates, keys being
+    /// deleted, stale links) under a new fence epoch. Workers and the scheduler do this by
+    /// themselves when they find Redis without keyfleet's state; this is for any other doubt
+    /// (e.g. Redis restored from an old snapshot). Safe at any time: queued work is not doubled.
+    Recover {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole system on an embedded fake fleet (10 V2Ray + 1 Outline) and print a summary.
     Demo(demo::DemoOptions),
 }
@@ -115,6 +124,23 @@ enum DlqCommand {
         /// Every dead job of this server.
         #[arg(long)]
         server: Option<String>,
+        /// Every dead job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead jobs for good (their keys keep the failure in Postgres). Workers also drop
+    /// dead jobs past KEYFLEET_DEAD_MAX_AGE_SECS / KEYFLEET_DEAD_MAX_COUNT by themselves.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "server", "older_than_hours", "all"])))]
+    Purge {
+        /// A dead job's id (repeatable).
+        #[arg(long)]
+        id: Vec<u64>,
+        /// Every dead job of this server.
+        #[arg(long)]
+        server: Option<String>,
+        /// Every dead job that died more than this many hours ago.
+        #[arg(long)]
+        older_than_hours: Option<u64>,
         /// Every dead job.
         #[arg(long)]
         all: bool,
@@ -188,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let shutdown = long_running.then(shutdown_signal);
     let settings = Settings::from_env()?;
+    settings.apply_process_wide()?;
     match cli.command {
         Command::Migrate => {
             settings.store().await?.migrate().await?;
@@ -338,6 +365,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Dlq(command) => dlq_command(settings, command).await?,
+        Command::Recover { json } => {
+            let report =
+                recovery::force(&settings.store().await?, &settings.queue()?, &settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "fence epoch {}: {} creates, {} deletes, {} config syncs outstanding ({} newly enqueued)",
+                    report.epoch,
+                    report.creates,
+                    report.deletes,
+                    report.config_syncs,
+                    report.enqueued
+                );
+            }
+        }
         Command::Demo(options) => demo::run(settings, options).await?,
     }
     Ok(())
@@ -456,6 +499,24 @@ async fn dlq_command(settings: Settings, command: DlqCommand) -> anyhow::Result<
                 "not in the dead set: {:?}",
                 report.not_dead
             );
+        }
+        DlqCommand::Purge {
+            id,
+            server,
+            older_than_hours,
+            all,
+        } => {
+            let selection = if all {
+                dlq::Selection::All
+            } else if let Some(server) = server {
+                dlq::Selection::Server(server)
+            } else if let Some(hours) = older_than_hours {
+                dlq::Selection::OlderThan(std::time::Duration::from_secs(hours * 3600))
+            } else {
+                dlq::Selection::Ids(id.into_iter().map(keyfleet_queue::JobId).collect())
+            };
+            let purged = dlq::purge(&store, &queue, selection).await?;
+            println!("purged {} dead jobs", purged.len());
         }
     }
     Ok(())

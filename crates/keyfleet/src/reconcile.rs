@@ -26,6 +26,18 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.create.is_empty() && self.adopt.is_empty() && self.delete.is_empty()
     }
+
+    /// Narrows this plan (from Postgres read before the server's list) to what a plan from a
+    /// second read, after the list, agrees with: a key is created, adopted or deleted only if both
+    /// reads say so. A purchase whose key appeared on the server between the reads is wanted in
+    /// the second, so it is never deleted; a subscription deprovisioned between them is not
+    /// recreated.
+    pub fn keep_only_what(&mut self, later: &Plan) {
+        self.create.retain(|sub| later.create.contains(sub));
+        self.adopt.retain(|a| later.adopt.contains(a));
+        self.delete.retain(|d| later.delete.contains(d));
+        self.lost.retain(|sub| self.create.contains(sub));
+    }
 }
 
 pub fn diff(stored: &[StoredKey], remote: &[RemoteKey]) -> Plan {
@@ -42,8 +54,9 @@ pub fn diff(stored: &[StoredKey], remote: &[RemoteKey]) -> Plan {
         wanted.insert(&key.subscription);
         match on_server.get(&key.subscription) {
             None => match key.state.as_str() {
-                // A failed key waits for an operator's replay; reconcile does not retry it blindly.
-                "failed" => {}
+                // A key that failed for good (401, bad certificate) waits for an operator; one that
+                // failed for a transient reason (the server was down) is retried now it answers.
+                "failed" if !key.failed_transiently => {}
                 "active" => {
                     plan.lost.push(key.subscription.clone());
                     plan.create.push(key.subscription.clone());
@@ -157,6 +170,51 @@ mod tests {
         );
         assert_eq!(plan.foreign, 1);
         assert!(plan.create.is_empty());
+    }
+
+    #[test]
+    fn a_key_that_failed_while_its_server_was_down_is_retried() {
+        let mut down = stored("d", "failed", None);
+        down.failed_transiently = true;
+        let plan = diff(&[down, stored("f", "failed", None)], &[]);
+        assert_eq!(
+            plan.create,
+            vec![sub("d")],
+            "only the transient failure: {plan:?}"
+        );
+    }
+
+    #[test]
+    fn only_what_both_reads_agree_on_is_done() {
+        // Before the list: no row for "new" (its purchase had not been recorded yet); the list
+        // shows its key; after the list Postgres wants it.
+        let before = diff(
+            &[stored("gone", "deleting", None)],
+            &[remote("1", Some("new")), remote("2", Some("gone"))],
+        );
+        let after = diff(
+            &[
+                stored("gone", "deleting", None),
+                stored("new", "pending", None),
+            ],
+            &[remote("1", Some("new")), remote("2", Some("gone"))],
+        );
+        let mut plan = before.clone();
+        plan.keep_only_what(&after);
+        assert_eq!(
+            plan.delete,
+            vec![(sub("gone"), "2".to_string())],
+            "{plan:?}"
+        );
+        // Created between the reads: active in the second read, missing from the list.
+        let before = diff(&[stored("a", "pending", None)], &[]);
+        let after = diff(&[stored("a", "deleting", None)], &[]);
+        let mut plan = before.clone();
+        plan.keep_only_what(&after);
+        assert!(
+            plan.create.is_empty(),
+            "deprovisioned between the reads: {plan:?}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use keyfleet_queue::Queue;
 use keyfleet_store::Store;
 
 use crate::{
+    recovery,
     schedule::Schedule,
     settings::Settings,
     sweeps::{self, Sweep},
@@ -34,6 +35,7 @@ impl Scheduler {
         tracing::info!(id = %self.id, sweeps = ?self.schedules.iter().map(|(s, _)| s.name()).collect::<Vec<_>>(), "Scheduler started.");
         tokio::pin!(shutdown);
         loop {
+            self.recover_if_redis_lost().await;
             let now = Utc::now();
             for (sweep, schedule) in &self.schedules {
                 if let Err(error) = self.fire_if_due(*sweep, schedule, started, now).await {
@@ -64,6 +66,25 @@ impl Scheduler {
         }
     }
 
+    /// A Redis that lost keyfleet's state is re-filled from Postgres at once, even while no
+    /// worker runs (a worker's first claim would do the same).
+    async fn recover_if_redis_lost(&self) {
+        match self.queue.is_initialized().await {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(error) =
+                    recovery::initialize(&self.store, &self.queue, &self.settings).await
+                {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "Cannot re-derive work from Postgres yet; retrying."
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Cannot reach Redis; retrying."),
+        }
+    }
+
     async fn fire_if_due(
         &self,
         sweep: Sweep,
@@ -81,7 +102,13 @@ impl Scheduler {
             tracing::info!(sweep = sweep.name(), %tick, "Sweep still running elsewhere; not starting it again.");
             return Ok(());
         }
-        if !self.store.claim_tick(sweep.name(), tick, &self.id).await? {
+        // The tick's claim commits with the sweep: a sweep that fails rolls it back, and the tick
+        // is tried again (its enqueues are idempotent, so a partial run is never doubled).
+        if !self
+            .store
+            .claim_tick(&mut lock, sweep.name(), tick, &self.id)
+            .await?
+        {
             return Ok(());
         }
         let report = sweeps::run(

@@ -21,9 +21,19 @@ pub struct Settings {
     /// How long in-flight jobs may run on after SIGTERM (KEYFLEET_SHUTDOWN_GRACE_MS).
     pub shutdown_grace: Duration,
     /// Consecutive transient failures that open a server's circuit breaker
-    /// (KEYFLEET_BREAKER_THRESHOLD), and its cool-down (KEYFLEET_BREAKER_COOLDOWN_MS).
+    /// (KEYFLEET_BREAKER_THRESHOLD), its first cool-down before a health probe
+    /// (KEYFLEET_BREAKER_COOLDOWN_MS), doubled after each failed probe up to
+    /// KEYFLEET_BREAKER_COOLDOWN_CAP_MS.
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
+    pub breaker_cooldown_cap: Duration,
+    /// Dead-set retention: dead jobs older than KEYFLEET_DEAD_MAX_AGE_SECS, or beyond the newest
+    /// KEYFLEET_DEAD_MAX_COUNT, are dropped (0: no limit).
+    pub dead_max_age: Option<Duration>,
+    pub dead_max_count: Option<u64>,
+    /// Deployment namespace of key names on the servers (KEYFLEET_KEY_NAMESPACE): deployments
+    /// sharing a server (staging, production) never touch each other's keys.
+    pub key_namespace: Option<String>,
     /// How old a stored link may get before the config sweep re-fetches it (KEYFLEET_CONFIG_TTL_SECS).
     pub config_ttl: Duration,
 }
@@ -89,6 +99,22 @@ impl Settings {
             shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?,
             breaker_threshold: count("KEYFLEET_BREAKER_THRESHOLD", 5, 1, 10_000)?,
             breaker_cooldown: millis("KEYFLEET_BREAKER_COOLDOWN_MS", 5_000, 10, 3_600_000)?,
+            breaker_cooldown_cap: millis(
+                "KEYFLEET_BREAKER_COOLDOWN_CAP_MS",
+                300_000,
+                10,
+                86_400_000,
+            )?,
+            dead_max_age: match count("KEYFLEET_DEAD_MAX_AGE_SECS", 30 * 86_400, 0, 3_650 * 86_400)?
+            {
+                0 => None,
+                secs => Some(Duration::from_secs(u64::from(secs))),
+            },
+            dead_max_count: match count("KEYFLEET_DEAD_MAX_COUNT", 100_000, 0, 100_000_000)? {
+                0 => None,
+                n => Some(u64::from(n)),
+            },
+            key_namespace: get("KEYFLEET_KEY_NAMESPACE").filter(|v| !v.is_empty()),
             config_ttl: Duration::from_secs(u64::from(count(
                 "KEYFLEET_CONFIG_TTL_SECS",
                 86_400,
@@ -112,7 +138,22 @@ impl Settings {
                 redact(&settings.redis_url)
             );
         }
+        if settings.breaker_cooldown_cap < settings.breaker_cooldown {
+            bail!(
+                "KEYFLEET_BREAKER_COOLDOWN_CAP_MS={} is below KEYFLEET_BREAKER_COOLDOWN_MS={}",
+                settings.breaker_cooldown_cap.as_millis(),
+                settings.breaker_cooldown.as_millis()
+            );
+        }
         Ok(settings)
+    }
+
+    /// Applies the process-wide parts of the settings (the key namespace). Call once at start-up.
+    pub fn apply_process_wide(&self) -> anyhow::Result<()> {
+        if let Some(namespace) = &self.key_namespace {
+            keyfleet_core::set_key_namespace(namespace)?;
+        }
+        Ok(())
     }
 
     pub fn queue_config(&self) -> QueueConfig {
@@ -120,6 +161,9 @@ impl Settings {
         config.lease = self.lease;
         config.breaker_threshold = self.breaker_threshold;
         config.breaker_cooldown = self.breaker_cooldown;
+        config.breaker_cooldown_cap = self.breaker_cooldown_cap;
+        config.dead_max_age = self.dead_max_age;
+        config.dead_max_count = self.dead_max_count;
         config
     }
 

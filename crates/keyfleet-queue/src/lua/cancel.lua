@@ -1,16 +1,25 @@
 -- ARGV: prefix, then idempotency keys
--- Cancels the live jobs of those operations that have not started (ready or delayed); a running
--- one finishes, and its write-back no longer applies to a key being deleted. A cancelled id may
--- stay in its ready list: claims skip ids whose job is gone. Returns how many were cancelled.
+-- Cancels the live jobs of those operations that have not started (ready, delayed, or waiting for
+-- their key's lock); a running one finishes, and its write-back no longer applies to a key being
+-- deleted. A cancelled id may stay in its ready or waiting list: claims skip ids whose job is gone,
+-- and the ready count drops now. Returns how many were cancelled.
 local n = 0
 for i = 2, #ARGV do
   local key = P .. ':idem:' .. ARGV[i]
   local id = redis.call('GET', key)
   if id then
-    local state = redis.call('HGET', jobkey(id), 'state')
-    if state == 'ready' or state == 'delayed' then
+    local job = jobkey(id)
+    local state = redis.call('HGET', job, 'state')
+    if state == 'ready' or state == 'delayed' or state == 'waiting' then
+      if state == 'ready' then
+        local s = redis.call('HGET', job, 'server')
+        if redis.call('HINCRBY', P .. ':nready', s, -1) < 0 then
+          redis.call('HSET', P .. ':nready', s, 0)
+        end
+        refresh(s, now_ms())
+      end
       redis.call('ZREM', P .. ':delayed', id)
-      redis.call('DEL', jobkey(id), key)
+      redis.call('DEL', job, key)
       n = n + 1
     end
   end

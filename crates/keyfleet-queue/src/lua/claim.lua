@@ -1,33 +1,52 @@
--- ARGV: prefix, worker id, lease ms
+-- ARGV: prefix, worker id, lease ms, probe lease ms
 -- Takes the next job of the server at the head of the ring (round-robin over servers that have
--- work and a free slot). Returns {id, payload, attempt, max, fence, server, enqueued_at, tries}, or
--- {'', ms until the next delayed job or paused server is due (-1: none)}.
+-- work, a free slot and a closed breaker). Returns {id, payload, attempt, max, fence, server,
+-- enqueued_at, tries}; {'?', server} when that server's breaker is due a health probe (the probe
+-- holds one of its slots until reported); {'!', 0} when Redis holds no fence epoch (it lost
+-- keyfleet's state, or is new: nothing may be claimed before fences are raised past Postgres);
+-- or {'', ms until the next delayed job or probe is due (-1: none)}.
+if redis.call('EXISTS', P .. ':epoch') == 0 then
+  return {'!', 0}
+end
 local now = now_ms()
 promote_due(now, 100)
-half_open_due(now)
+local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
+for _, s in ipairs(due) do
+  local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
+  if tonumber(redis.call('HGET', P .. ':inflight', s) or '0') < limit then
+    redis.call('ZREM', P .. ':paused', s)
+    redis.call('ZADD', P .. ':probing', now + tonumber(ARGV[4]), s)
+    redis.call('HINCRBY', P .. ':inflight', s, 1)
+    return {'?', s}
+  end
+end
 for _ = 1, 16 do
   local s = redis.call('RPOP', P .. ':ring')
   if not s then
     break
   end
   redis.call('SREM', P .. ':inring', s)
-  local id = redis.call('RPOP', P .. ':ready:' .. s)
+  local id = pop_ready(s)
+  while id do
+    local lock = redis.call('HGET', jobkey(id), 'lock')
+    if not lock or acquire(id, lock) then
+      break
+    end
+    id = pop_ready(s)
+  end
   if id then
     local job = jobkey(id)
-    local payload = redis.call('HGET', job, 'payload')
-    if payload then
-      redis.call('HINCRBY', P .. ':inflight', s, 1)
-      local fence = redis.call('INCR', P .. ':fence')
-      local attempt = redis.call('HINCRBY', job, 'attempts', 1)
-      -- Lifetime tries survive a replay (which refunds attempts): a replayed create must still
-      -- look for the key its earlier tries may have made.
-      local tries = redis.call('HINCRBY', job, 'tries', 1)
-      redis.call('HSET', job, 'state', 'running', 'fence', fence, 'worker', ARGV[2], 'started_at', now)
-      redis.call('ZADD', P .. ':leases', now + tonumber(ARGV[3]), id)
-      refresh(s, now)
-      return {id, payload, attempt, redis.call('HGET', job, 'max'), fence, s,
-        redis.call('HGET', job, 'enqueued_at'), tries}
-    end
+    redis.call('HINCRBY', P .. ':inflight', s, 1)
+    local fence = redis.call('INCR', P .. ':fence')
+    local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+    -- Lifetime tries survive a replay (which refunds attempts): a replayed create must still
+    -- look for the key its earlier tries may have made.
+    local tries = redis.call('HINCRBY', job, 'tries', 1)
+    redis.call('HSET', job, 'state', 'running', 'fence', fence, 'worker', ARGV[2], 'started_at', now)
+    redis.call('ZADD', P .. ':leases', now + tonumber(ARGV[3]), id)
+    refresh(s, now)
+    return {id, redis.call('HGET', job, 'payload'), attempt, redis.call('HGET', job, 'max'), fence, s,
+      redis.call('HGET', job, 'enqueued_at'), tries}
   end
   refresh(s, now)
 end

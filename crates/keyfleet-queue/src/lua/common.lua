@@ -1,15 +1,19 @@
 -- Shared helpers, prepended to every keyfleet script. ARGV[1] is the key prefix.
 -- Keys (P = prefix):
---   P:job:<id>     hash: payload server kind max attempts fence state worker error idem enqueued_at
---   P:ready:<s>    list of ready job ids of server s (LPUSH in, RPOP out: FIFO)
+--   P:epoch        the fence epoch Postgres handed out; absent = Redis lost keyfleet's state
+--   P:fence        the monotonic fence counter (raised past every earlier epoch at init);  P:seq  job ids
+--   P:job:<id>     hash: payload server kind max attempts tries fence state worker error idem lock enqueued_at
+--   P:ready:<s>    list of ready job ids of server s (LPUSH in, RPOP out: FIFO); may hold ids of
+--                  cancelled jobs, which claims skip;  P:nready  hash server -> ready jobs (exact)
 --   P:ring         list of servers that can be claimed from now; P:inring is its member set
---   P:limits       hash server -> max in flight;  P:inflight  hash server -> claimed jobs
---   P:paused       zset server -> paused-until (ms): circuit breaker open
---   P:probe        hash server -> 1 while half-open (one probe job at a time)
---   P:failures     hash server -> consecutive transient failures
+--   P:limits       hash server -> max in flight;  P:inflight  hash server -> claimed jobs and probes
+--   P:lock:<l>     the running job that holds per-key lock l (a key's create, delete and config
+--                  sync never run at once);  P:waiting:<l>  list of jobs parked until l is free
+--   P:paused       zset server -> next probe due (ms): circuit breaker open
+--   P:probing      zset server -> probe deadline (ms): a health probe is in flight
+--   P:failures     hash server -> consecutive transient failures;  P:cooldown  hash server -> ms
 --   P:leases       zset id -> lease deadline (ms);  P:delayed  zset id -> due (ms)
 --   P:dead         zset id -> dead-lettered at (ms);  P:idem:<key>  -> live job id
---   P:fence        the monotonic fence counter;  P:seq  the job id counter
 local P = ARGV[1]
 
 local function now_ms()
@@ -21,18 +25,19 @@ local function jobkey(id)
   return P .. ':job:' .. id
 end
 
+local function is_open(s)
+  return redis.call('ZSCORE', P .. ':paused', s) or redis.call('ZSCORE', P .. ':probing', s)
+end
+
 -- Keeps the ring invariant for server s: s is in the ring iff it has ready jobs, is below its
--- limit and is not paused. Returns true when s was added, i.e. an idle claimer may want to know.
+-- limit and its breaker is closed. Returns true when s was added, i.e. an idle claimer may want
+-- to know.
 local function refresh(s, now)
-  local eligible = redis.call('LLEN', P .. ':ready:' .. s) > 0
+  local eligible = tonumber(redis.call('HGET', P .. ':nready', s) or '0') > 0
   if eligible then
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
-    if redis.call('HEXISTS', P .. ':probe', s) == 1 then
-      limit = 1
-    end
     local inflight = tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
-    local paused_until = tonumber(redis.call('ZSCORE', P .. ':paused', s) or '0')
-    eligible = inflight < limit and paused_until <= now
+    eligible = inflight < limit and not is_open(s)
   end
   local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
   if eligible and not member then
@@ -64,12 +69,70 @@ local function make_ready(id, s, front, now)
   else
     redis.call('LPUSH', P .. ':ready:' .. s, id)
   end
+  redis.call('HINCRBY', P .. ':nready', s, 1)
   refresh_and_wake(s, now)
+end
+
+-- The next job of server s that is still ready, taken off its list; ids of cancelled jobs are
+-- dropped on the way (they were uncounted when cancelled), so a cancelled backlog costs O(1) each.
+local function pop_ready(s)
+  for _ = 1, 1000 do
+    local id = redis.call('RPOP', P .. ':ready:' .. s)
+    if not id then
+      redis.call('HDEL', P .. ':nready', s)
+      return nil
+    end
+    if redis.call('HGET', jobkey(id), 'state') == 'ready' then
+      if redis.call('HINCRBY', P .. ':nready', s, -1) < 0 then
+        redis.call('HSET', P .. ':nready', s, 0)
+      end
+      return id
+    end
+  end
+  return nil
 end
 
 local function release_slot(s)
   if redis.call('HINCRBY', P .. ':inflight', s, -1) < 0 then
     redis.call('HSET', P .. ':inflight', s, 0)
+  end
+end
+
+-- Takes job id's per-key lock. False when another running job holds it: the job is parked in the
+-- lock's queue and made ready again when the holder finishes.
+local function acquire(id, lock)
+  local key = P .. ':lock:' .. lock
+  local holder = redis.call('GET', key)
+  if holder and holder ~= id and redis.call('HGET', jobkey(holder), 'state') == 'running' then
+    redis.call('HSET', jobkey(id), 'state', 'waiting')
+    redis.call('RPUSH', P .. ':waiting:' .. lock, id)
+    return false
+  end
+  redis.call('SET', key, id)
+  return true
+end
+
+-- Frees the lock job id holds, if any, and readies the first job still waiting for it.
+local function release_lock(id, now)
+  local lock = redis.call('HGET', jobkey(id), 'lock')
+  if not lock then
+    return
+  end
+  local key = P .. ':lock:' .. lock
+  if redis.call('GET', key) == id then
+    redis.call('DEL', key)
+  end
+  local waiting = P .. ':waiting:' .. lock
+  while true do
+    local next = redis.call('LPOP', waiting)
+    if not next then
+      return
+    end
+    local job = jobkey(next)
+    if redis.call('HGET', job, 'state') == 'waiting' then
+      make_ready(next, redis.call('HGET', job, 'server'), true, now)
+      return
+    end
   end
 end
 
@@ -98,28 +161,23 @@ local function promote_due(now, limit)
   return #due
 end
 
--- Circuit breakers whose cool-down ended go half-open: one probe job at a time until a success.
-local function half_open_due(now)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
-  for _, s in ipairs(due) do
-    redis.call('ZREM', P .. ':paused', s)
-    redis.call('HSET', P .. ':probe', s, 1)
-    refresh_and_wake(s, now)
-  end
-end
-
--- Counts a success or a server-caused failure of server s; returns true when the breaker opened.
+-- Counts a success or a server-caused failure of server s. Returns 1 when the breaker opened,
+-- 2 when a success closed an open breaker, 0 otherwise. An open breaker keeps the server out of
+-- the ring (its jobs wait, spending no attempts) until a health probe succeeds.
 local function breaker_record(s, success, threshold, cooldown_ms, now)
   if success then
     redis.call('HDEL', P .. ':failures', s)
-    redis.call('HDEL', P .. ':probe', s)
-    return false
+    if redis.call('ZREM', P .. ':paused', s) == 1 then
+      redis.call('HDEL', P .. ':cooldown', s)
+      return 2
+    end
+    return 0
   end
   local n = redis.call('HINCRBY', P .. ':failures', s, 1)
-  if n >= threshold then
-    redis.call('HDEL', P .. ':probe', s)
+  if n >= threshold and not is_open(s) then
+    redis.call('HSET', P .. ':cooldown', s, cooldown_ms)
     redis.call('ZADD', P .. ':paused', now + cooldown_ms, s)
-    return true
+    return 1
   end
-  return false
+  return 0
 end

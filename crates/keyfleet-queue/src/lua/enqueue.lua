@@ -1,4 +1,4 @@
--- ARGV: prefix, idempotency key, payload, server, kind, max attempts
+-- ARGV: prefix, idempotency key, payload, server, kind, max attempts, per-key lock ('' for none)
 -- Returns {id, 1} for a new job, {id, 0} for the live job of the same operation,
 -- {id, -1} when the key names a live job with a different payload.
 local idem_key = P .. ':idem:' .. ARGV[2]
@@ -16,6 +16,9 @@ local id = tostring(redis.call('INCR', P .. ':seq'))
 local s = ARGV[4]
 redis.call('HSET', jobkey(id), 'payload', ARGV[3], 'server', s, 'kind', ARGV[5], 'max', ARGV[6],
   'attempts', 0, 'fence', 0, 'idem', ARGV[2], 'enqueued_at', now)
+if ARGV[7] ~= '' then
+  redis.call('HSET', jobkey(id), 'lock', ARGV[7])
+end
 redis.call('SET', idem_key, id)
 redis.call('SADD', P .. ':servers', s)
 make_ready(id, s, false, now)

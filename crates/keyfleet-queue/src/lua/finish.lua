@@ -1,8 +1,10 @@
--- ARGV: prefix, id, fence, outcome (done|retry|dead|release), delay ms, error,
+-- ARGV: prefix, id, fence, outcome (done|retry|dead|release|requeue), delay ms, error,
 --       server fault (1: the server failed transiently), breaker threshold, breaker cool-down ms
--- Returns {result, breaker opened (0|1)}; result 0 when the attempt is fenced out (its lease was
--- lost and the job moved on), 1 when applied, 2 when a retry was refused because the attempts are
--- spent (dead-lettered).
+-- Returns {result, breaker event}; result 0 when the attempt is fenced out (its lease was lost and
+-- the job moved on), 1 when applied, 2 when a retry was refused because the attempts are spent
+-- (dead-lettered); breaker event 1 when the server's breaker opened, 2 when it closed.
+-- release: give the job back unstarted (attempt and try refunded); requeue: run it again at once
+-- with a fresh fence, attempt refunded but the try kept (it may have acted on the server).
 local id = ARGV[2]
 local job = jobkey(id)
 if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'fence') ~= ARGV[3] then
@@ -12,13 +14,14 @@ local now = now_ms()
 local s = redis.call('HGET', job, 'server')
 redis.call('ZREM', P .. ':leases', id)
 release_slot(s)
+release_lock(id, now)
 local outcome = ARGV[4]
 local result = 1
-local opened = false
+local event = 0
 if outcome == 'done' then
-  breaker_record(s, true, 0, 0, now)
+  event = breaker_record(s, true, 0, 0, now)
 elseif ARGV[7] == '1' then
-  opened = breaker_record(s, false, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
+  event = breaker_record(s, false, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
 end
 if outcome == 'done' then
   forget_idempotency(id)
@@ -35,12 +38,16 @@ elseif outcome == 'retry' then
   end
 elseif outcome == 'dead' then
   bury(id, ARGV[6], now)
-elseif outcome == 'release' then
+elseif outcome == 'release' or outcome == 'requeue' then
   redis.call('HINCRBY', job, 'attempts', -1)
-  redis.call('HINCRBY', job, 'tries', -1)
+  if outcome == 'release' then
+    redis.call('HINCRBY', job, 'tries', -1)
+  else
+    redis.call('HSET', job, 'error', ARGV[6])
+  end
   make_ready(id, s, true, now)
 else
   return redis.error_reply('unknown outcome ' .. outcome)
 end
 refresh_and_wake(s, now)
-return {result, opened and 1 or 0}
+return {result, event}

@@ -5,16 +5,30 @@ use std::{sync::Arc, time::Duration};
 
 use apalis_core::{error::BoxDynError, task::data::Data};
 use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, ServerKind, SubscriptionId};
-use keyfleet_queue::{ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff};
-use keyfleet_store::{KeyWrite, Store, TrafficKind, WriteBack, WriteOutcome};
+use keyfleet_queue::{
+    BreakerEvent, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff,
+};
+use keyfleet_store::{
+    DeleteIntent, KeyWrite, Store, TrafficKind, TrafficOutcome, WriteBack, WriteOutcome,
+};
 use keyfleet_vpn::VpnClient;
 use tokio::time::Instant;
 
 use crate::{
-    reconcile,
+    reconcile, recovery,
     servers::{ClientError, ServerClients},
     settings::Settings,
 };
+
+/// What a job's work came to, before its outcome is recorded.
+enum Step {
+    /// A result to commit to Postgres; the job is done once it is.
+    Write(KeyWrite),
+    /// Nothing to write: done.
+    Done,
+    /// Postgres already holds a result with this newer fence.
+    FencedBy(i64),
+}
 
 pub struct Executor {
     pub store: Store,
@@ -34,14 +48,27 @@ pub async fn execute(job: ClaimedJob, executor: Data<Arc<Executor>>) -> Result<(
 impl Executor {
     #[tracing::instrument(skip_all, fields(job_id = %job.id, server_id = %job.server, attempt = job.attempt))]
     pub async fn run(&self, job: ClaimedJob) {
-        let _lease = self.leases.hold(&job);
-        let finish = self.attempt(&job).await;
+        let lease = self.leases.hold(&job, self.settings.lease);
+        // Once the lease is lost (or cannot be confirmed in time, e.g. Redis unreachable) another
+        // worker may take the job: stop this attempt, aborting its in-flight request, so the
+        // server never sees more than its limit. Its writes, if any landed, are fenced.
+        let finish = tokio::select! {
+            biased;
+            () = lease.lost() => {
+                tracing::warn!("Lease lost mid-attempt: stopped it; the job belongs to its next attempt.");
+                return;
+            }
+            finish = self.attempt(&job) => finish,
+        };
         match &finish {
             Finish::Done => tracing::debug!("Job done."),
             Finish::Retry { delay, error, .. } => {
                 tracing::info!(?delay, %error, "Job will be retried.")
             }
             Finish::Dead { error, .. } => tracing::warn!(%error, "Job dead-lettered."),
+            Finish::Requeue { error } => {
+                tracing::warn!(%error, "Job runs again under a new fence.")
+            }
             Finish::Release => {}
         }
         self.record(&job, &finish).await;
@@ -55,8 +82,13 @@ impl Executor {
         let mut delay = Duration::from_millis(50);
         loop {
             match self.queue.finish(job, finish).await {
-                Ok(FinishResult::Fenced) => {
+                Ok((FinishResult::Fenced, _)) => {
                     tracing::info!("Attempt was fenced out: a newer attempt owns this job.");
+                    return;
+                }
+                Ok((_, BreakerEvent::Closed)) => {
+                    tracing::info!("A success closed the server's circuit breaker.");
+                    requeue_failed_keys(&self.store, &self.queue, job.server).await;
                     return;
                 }
                 Ok(_) => return,
@@ -152,9 +184,34 @@ impl Executor {
             }
         };
         match result {
-            Ok(Some(write)) => self.write_then_finish(job, &payload, write).await,
-            Ok(None) => Finish::Done,
+            Ok(Step::Write(write)) => self.write_then_finish(job, &payload, write).await,
+            Ok(Step::Done) => Finish::Done,
+            Ok(Step::FencedBy(row_fence)) => self.fenced(job, &payload, row_fence).await,
             Err(e) => self.failed(job, &payload, e).await,
+        }
+    }
+
+    /// A result was refused because Postgres holds a newer fence. Normally a newer attempt did the
+    /// work: done. If Redis never handed out that fence it went backwards: raise the fences and run
+    /// the job again, spending no attempt.
+    async fn fenced(&self, job: &ClaimedJob, payload: &JobPayload, row_fence: i64) -> Finish {
+        match recovery::fence_is_behind(&self.store, &self.queue, job, row_fence).await {
+            Ok(false) => {
+                tracing::info!(job = %payload.kind(), row_fence, "Result not written: a newer attempt wrote it.");
+                Finish::Done
+            }
+            Ok(true) => Finish::Requeue {
+                error: format!(
+                    "fenced out by fence {row_fence}, which Redis never handed out; running again under a new fence epoch"
+                ),
+            },
+            Err(e) => {
+                let error = JobError::ours(Failure::retryable(
+                    format!("cannot tell whether the job was superseded: {e:#}"),
+                    None,
+                ));
+                self.failed(job, payload, error).await
+            }
         }
     }
 
@@ -166,7 +223,17 @@ impl Executor {
         subscription: &SubscriptionId,
         existing: Option<&str>,
         verify: bool,
-    ) -> Result<Option<KeyWrite>, JobError> {
+    ) -> Result<Step, JobError> {
+        // A create that was not enqueued by the purchase itself (reconcile, recovery, a retry) may
+        // be older than the newest intent: a deprovision since makes it moot. (A purchase's own
+        // first attempt is cancelled by a deprovision while queued, and its key's lock orders it
+        // before any later delete.)
+        if (verify || existing.is_some() || job.tried_before())
+            && !self.store.key_wanted(subscription, server).await?
+        {
+            tracing::info!(%subscription, "Create skipped: the key is no longer wanted.");
+            return Ok(Step::Done);
+        }
         let adopted = match existing {
             Some(id) => match client.fetch_link(id).await {
                 Ok(link) => Some((id.to_owned(), link)),
@@ -190,7 +257,7 @@ impl Executor {
                 (key.server_key_id, key.link)
             }
         };
-        Ok(Some(KeyWrite::Created {
+        Ok(Step::Write(KeyWrite::Created {
             subscription: subscription.clone(),
             server,
             fence: job.fence,
@@ -226,10 +293,24 @@ impl Executor {
         server: ServerId,
         subscription: &SubscriptionId,
         server_key_id: Option<&str>,
-    ) -> Result<Option<KeyWrite>, JobError> {
+    ) -> Result<Step, JobError> {
+        // Newest intent wins: under its fence (and its key's lock), the delete re-checks that
+        // Postgres still wants the key gone before it touches the server.
+        let known = match self
+            .store
+            .recheck_delete(subscription, server, job.fence, server_key_id)
+            .await?
+        {
+            DeleteIntent::Proceed { server_key_id } => server_key_id,
+            DeleteIntent::Wanted => {
+                tracing::info!(%subscription, "Delete skipped: the key is wanted again.");
+                return Ok(Step::Done);
+            }
+            DeleteIntent::Fenced { row_fence } => return Ok(Step::FencedBy(row_fence)),
+        };
         let ids = match server_key_id {
             Some(id) => vec![id.to_owned()],
-            None => match self.store.server_key_id(subscription, server).await? {
+            None => match known {
                 Some(id) => vec![id],
                 // Postgres never learnt the id (e.g. the create's response was lost): ask the server.
                 None => client
@@ -244,7 +325,7 @@ impl Executor {
         for id in &ids {
             client.delete_key(id).await?;
         }
-        Ok(Some(KeyWrite::Deleted {
+        Ok(Step::Write(KeyWrite::Deleted {
             subscription: subscription.clone(),
             server,
             fence: job.fence,
@@ -257,14 +338,14 @@ impl Executor {
         client: &VpnClient,
         server: ServerId,
         subscription: &SubscriptionId,
-    ) -> Result<Option<KeyWrite>, JobError> {
+    ) -> Result<Step, JobError> {
         // Read before fetching: a bump during the fetch leaves the key stale for the next sweep.
         let generation = self.store.config_generation(server).await?;
         let Some(id) = self.store.server_key_id(subscription, server).await? else {
-            return Ok(None);
+            return Ok(Step::Done);
         };
         match client.fetch_link(&id).await {
-            Ok(link) => Ok(Some(KeyWrite::ConfigSynced {
+            Ok(link) => Ok(Step::Write(KeyWrite::ConfigSynced {
                 subscription: subscription.clone(),
                 server,
                 fence: job.fence,
@@ -272,7 +353,7 @@ impl Executor {
                 generation,
             })),
             // Gone from the server: the reconcile sweep recreates it; nothing to sync.
-            Err(keyfleet_vpn::Error::NotFound { .. }) => Ok(None),
+            Err(keyfleet_vpn::Error::NotFound { .. }) => Ok(Step::Done),
             Err(e) => Err(e.into()),
         }
     }
@@ -282,12 +363,18 @@ impl Executor {
         job: &ClaimedJob,
         client: &VpnClient,
         server: ServerId,
-    ) -> Result<Option<KeyWrite>, JobError> {
-        // Postgres first: a create finishing between the two reads then shows up as a key to adopt,
-        // never as one to delete.
+    ) -> Result<Step, JobError> {
+        // Postgres is read before the list and again after it. What is missing on the server is
+        // judged from the first read (a create that finished after the list is not "lost"); what is
+        // to be deleted from both (a purchase whose key appeared in the list after the first read
+        // is wanted in the second): a key is deleted only if neither read wanted it.
         let stored = self.store.stored_keys(server).await?;
         let remote = client.list_keys().await?;
-        let plan = reconcile::diff(&stored, &remote);
+        // The server answers: keys that failed here for a transient reason get another go.
+        self.store.requeue_failed_keys(server).await?;
+        let after = self.store.stored_keys(server).await?;
+        let mut plan = reconcile::diff(&stored, &remote);
+        plan.keep_only_what(&reconcile::diff(&after, &remote));
         let lost = plan.lost.iter().map(|sub| {
             self.writeback.write(KeyWrite::Lost {
                 subscription: sub.clone(),
@@ -296,7 +383,12 @@ impl Executor {
             })
         });
         for written in futures::future::join_all(lost).await {
-            written?;
+            if let WriteOutcome::Fenced { row_fence } = written? {
+                tracing::info!(
+                    row_fence,
+                    "A key reconcile found missing was written since by a newer attempt."
+                );
+            }
         }
         let jobs: Vec<JobPayload> = plan
             .create
@@ -334,7 +426,7 @@ impl Executor {
             enqueued,
             "Reconciled server."
         );
-        Ok(None)
+        Ok(Step::Done)
     }
 
     async fn collect_traffic(
@@ -342,7 +434,7 @@ impl Executor {
         job: &ClaimedJob,
         client: &VpnClient,
         server: ServerId,
-    ) -> Result<Option<KeyWrite>, JobError> {
+    ) -> Result<Step, JobError> {
         let readings: Vec<(String, i64)> = client
             .traffic()
             .await?
@@ -358,12 +450,12 @@ impl Executor {
             .record_traffic(server, kind, job.fence, &readings)
             .await?
         {
-            Some(updated) => {
-                tracing::info!(readings = readings.len(), updated, "Traffic collected.")
+            TrafficOutcome::Applied(updated) => {
+                tracing::info!(readings = readings.len(), updated, "Traffic collected.");
+                Ok(Step::Done)
             }
-            None => tracing::info!("Traffic reading fenced out: a newer collection was applied."),
+            TrafficOutcome::Fenced { row_fence } => Ok(Step::FencedBy(row_fence)),
         }
-        Ok(None)
     }
 
     async fn write_then_finish(
@@ -374,8 +466,13 @@ impl Executor {
     ) -> Finish {
         match self.writeback.write(write).await {
             Ok(WriteOutcome::Applied) => Finish::Done,
-            Ok(outcome) => {
-                tracing::info!(job = %payload.kind(), ?outcome, "Result not written: a newer attempt wrote this key, or its state moved on.");
+            Ok(WriteOutcome::Fenced { row_fence }) => self.fenced(job, payload, row_fence).await,
+            Ok(WriteOutcome::StateMoved { state }) => {
+                tracing::info!(job = %payload.kind(), %state, "Result not written: the key's intent moved on (newest intent wins).");
+                Finish::Done
+            }
+            Ok(WriteOutcome::Missing) => {
+                tracing::info!(job = %payload.kind(), "Result not written: the key row is gone.");
                 Finish::Done
             }
             Err(e) => self.failed(job, payload, JobError::from(e)).await,
@@ -477,6 +574,38 @@ impl From<keyfleet_store::Error> for JobError {
 impl From<keyfleet_queue::Error> for JobError {
     fn from(e: keyfleet_queue::Error) -> Self {
         Self::ours(Failure::retryable(format!("Redis: {e}"), None))
+    }
+}
+
+/// Puts the server's keys that failed for a transient reason back to pending and enqueues their
+/// creates (the server answers again: its breaker closed, or reconcile listed it).
+pub async fn requeue_failed_keys(store: &Store, queue: &Queue, server: ServerId) {
+    let requeued = match store.requeue_failed_keys(server).await {
+        Ok(subs) => subs,
+        Err(error) => {
+            tracing::warn!(%error, server_id = %server, "Could not requeue transiently failed keys; reconcile will.");
+            return;
+        }
+    };
+    if requeued.is_empty() {
+        return;
+    }
+    let jobs: Vec<JobPayload> = requeued
+        .into_iter()
+        .map(|subscription| JobPayload::CreateKey {
+            server,
+            subscription,
+            existing: None,
+            verify: true,
+        })
+        .collect();
+    match enqueue_tolerating_duplicates(queue, &jobs).await {
+        Ok(enqueued) => {
+            tracing::info!(server_id = %server, keys = jobs.len(), enqueued, "Retrying keys that failed while the server was down.")
+        }
+        Err(error) => {
+            tracing::warn!(%error, server_id = %server, "Could not enqueue retries of failed keys; reconcile will.")
+        }
     }
 }
 

@@ -3,18 +3,22 @@
 
 mod executor;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use apalis_core::worker::builder::WorkerBuilder;
-use keyfleet_core::JobPayload;
-use keyfleet_queue::{BuriedJob, LeaseRegistry, QueueBackend, WakeSignal, spawn_maintenance_with};
-use keyfleet_store::{KeyWrite, WriteBack, WriteBackConfig};
+use futures::future::BoxFuture;
+use keyfleet_core::{JobPayload, ServerId};
+use keyfleet_queue::{
+    BuriedJob, ClaimHooks, LeaseRegistry, ProbeOutcome, Queue, QueueBackend, WakeSignal,
+    spawn_maintenance_with,
+};
+use keyfleet_store::{KeyWrite, Store, WriteBack, WriteBackConfig};
 use keyfleet_vpn::ClientConfig;
 use tower::limit::ConcurrencyLimitLayer;
 
-pub use executor::{Executor, enqueue_tolerating_duplicates, execute};
+pub use executor::{Executor, enqueue_tolerating_duplicates, execute, requeue_failed_keys};
 
-use crate::{producer::sync_limits, servers::ServerClients, settings::Settings};
+use crate::{producer::sync_limits, recovery, servers::ServerClients, settings::Settings};
 
 /// Concurrency served by one claim loop, and the most claim loops a process runs.
 const JOBS_PER_CLAIMER: usize = 8;
@@ -82,6 +86,13 @@ pub async fn run(
     };
     let clients = ServerClients::new(store.clone(), client_config);
     clients.preload(&servers);
+    let hooks: Arc<dyn ClaimHooks> = Arc::new(WorkerHooks(Arc::new(HooksInner {
+        store: store.clone(),
+        queue: queue.clone(),
+        clients: clients.clone(),
+        settings: settings.clone(),
+        initializing: tokio::sync::Mutex::new(()),
+    })));
     let executor = Arc::new(Executor {
         store: store.clone(),
         queue: queue.clone(),
@@ -107,6 +118,7 @@ pub async fn run(
                 queue.clone(),
                 name.as_str(),
                 wake.clone(),
+                hooks.clone(),
             ))
             .layer(ConcurrencyLimitLayer::new(share))
             .data(executor.clone())
@@ -152,6 +164,7 @@ fn record_buried(writeback: WriteBack) -> impl Fn(BuriedJob) + Send + 'static {
         {
             let writeback = writeback.clone();
             tokio::spawn(async move {
+                // Its workers kept dying: not the server's fault, and not worth retrying blindly.
                 let write = KeyWrite::Failed {
                     subscription,
                     server,
@@ -164,5 +177,70 @@ fn record_buried(writeback: WriteBack) -> impl Fn(BuriedJob) + Send + 'static {
                 }
             });
         }
+    }
+}
+
+/// What a worker does when a claim hands back something other than a job: initialise a Redis
+/// that lost its state (re-deriving the work from Postgres), or probe a server whose breaker is
+/// open with one cheap health request.
+struct WorkerHooks(Arc<HooksInner>);
+
+struct HooksInner {
+    store: Store,
+    queue: Queue,
+    clients: ServerClients,
+    settings: Settings,
+    /// One initialisation at a time per process: its claim loops all find Redis empty at once.
+    initializing: tokio::sync::Mutex<()>,
+}
+
+impl ClaimHooks for WorkerHooks {
+    fn initialize(&self) -> BoxFuture<'static, ()> {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            let _one_at_a_time = inner.initializing.lock().await;
+            let mut delay = Duration::from_millis(100);
+            loop {
+                if let Ok(true) = inner.queue.is_initialized().await {
+                    return;
+                }
+                match recovery::initialize(&inner.store, &inner.queue, &inner.settings).await {
+                    Ok(_) => return,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "Cannot initialise Redis from Postgres yet; retrying."
+                        );
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        })
+    }
+
+    fn probe(&self, server: ServerId) -> BoxFuture<'static, ()> {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            let health = match inner.clients.get(server).await {
+                Ok(client) => client.health().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match inner.queue.probe_result(server, health.is_ok()).await {
+                Ok(ProbeOutcome::Closed) => {
+                    tracing::info!(server_id = %server, "Health probe succeeded: circuit breaker closed.");
+                    requeue_failed_keys(&inner.store, &inner.queue, server).await;
+                }
+                Ok(ProbeOutcome::StillOpen) => tracing::warn!(
+                    server_id = %server,
+                    error = health.err().unwrap_or_default(),
+                    "Health probe failed: circuit breaker stays open for a longer cool-down."
+                ),
+                Ok(ProbeOutcome::Expired) => {}
+                Err(error) => {
+                    tracing::warn!(%error, server_id = %server, "Could not record a health probe; it will expire and run again.")
+                }
+            }
+        })
     }
 }
