@@ -148,6 +148,50 @@ async fn stop(worker: Worker) {
     assert!(status.success(), "SIGTERM exits 0: {status:?}\n{log}");
 }
 
+/// One fake V2Ray server registered as `name` (limit 4) and one worker: the setting of the race
+/// tests.
+struct OneServer {
+    env: TestEnv,
+    fleet: FakeFleet,
+    id: ServerId,
+    worker: Worker,
+}
+
+impl OneServer {
+    async fn start(name: &str, worker_env: &[(&str, &str)]) -> Self {
+        let env = TestEnv::new().await;
+        let fleet = fleet(1, 0).await;
+        let id = register(&env, name, &fleet.servers[0], 4).await;
+        let worker = Worker::spawn(&env, 4, worker_env);
+        Self {
+            env,
+            fleet,
+            id,
+            worker,
+        }
+    }
+
+    fn fake(&self) -> &FakeServer {
+        &self.fleet.servers[0]
+    }
+
+    fn producer(&self) -> Producer {
+        Producer::new(self.env.store.clone(), self.env.queue.clone())
+    }
+
+    async fn key_state(&self, sub: &SubscriptionId) -> Option<String> {
+        Some(self.env.store.key_row(sub, self.id).await.ok()??.state)
+    }
+
+    /// Checks Postgres against the server, then stops everything.
+    async fn finish(self) {
+        assert_postgres_is_the_truth(&self.env, &[(self.id, self.fake())]).await;
+        stop(self.worker).await;
+        self.fleet.shutdown().await;
+        self.env.cleanup().await;
+    }
+}
+
 /// Redis loses everything twice — once while no worker runs, once under a running worker — with
 /// deprovisions, new purchases, a config bump and a node wipe around it: every row ends matching
 /// the servers, nothing stuck, no duplicates. Before fence epochs, fences restarted at 1 after the
@@ -225,58 +269,45 @@ async fn a_redis_that_lost_its_data_is_refilled_from_postgres_and_nothing_sticks
 /// re-checks the intent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_racing_a_purchase_never_deletes_the_new_key() {
-    let env = TestEnv::new().await;
-    let fleet = fleet(1, 0).await;
-    let fake = &fleet.servers[0];
-    let id = register(&env, "rp-0", fake, 4).await;
-    let worker = Worker::spawn(&env, 4, &FAST);
-    let list = fake.hold(Endpoint::ListUsers);
-    env.ok(&["sweep", "reconcile"]);
+    let t = OneServer::start("rp-0", &FAST).await;
+    let list = t.fake().hold(Endpoint::ListUsers);
+    t.env.ok(&["sweep", "reconcile"]);
     list.wait_arrived(1).await;
     let buyer = sub("rp-buyer");
-    provision_many(&env, std::slice::from_ref(&buyer)).await;
+    t.producer().provision(&buyer, None).await.unwrap();
     eventually(PATIENCE, "the purchase's key active", || async {
-        let row = env.store.key_row(&buyer, id).await.ok()??;
-        (row.state == "active").then_some(())
+        (t.key_state(&buyer).await? == "active").then_some(())
     })
     .await;
     list.release();
-    settle(&env, "reconcile after the purchase").await;
+    settle(&t.env, "reconcile after the purchase").await;
     assert_eq!(
-        fake.meter().requests.get(&Endpoint::DeleteUser),
+        t.fake().meter().requests.get(&Endpoint::DeleteUser),
         None,
         "nothing was deleted"
     );
-    assert_postgres_is_the_truth(&env, &[(id, fake)]).await;
-    stop(worker).await;
-    fleet.shutdown().await;
-    env.cleanup().await;
+    t.finish().await;
 }
 
 /// An expiry's delete gets a 503 and waits to retry; the user renews and the create adopts the
 /// key that still exists; then the delete retries. It must re-check the intent and leave the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_delete_does_not_destroy_a_renewed_key() {
-    let env = TestEnv::new().await;
-    let fleet = fleet(1, 0).await;
-    let fake = &fleet.servers[0];
-    let id = register(&env, "dd-0", fake, 4).await;
     // The first retry waits a minute (Retry-After): long enough that the test decides when it runs.
-    let worker = Worker::spawn(&env, 4, &[("KEYFLEET_RETRY_CAP_MS", "600000")]);
+    let t = OneServer::start("dd-0", &[("KEYFLEET_RETRY_CAP_MS", "600000")]).await;
     let user = sub("dd-user");
-    provision_many(&env, std::slice::from_ref(&user)).await;
-    settle(&env, "the purchase").await;
-    fake.inject(
+    let producer = t.producer();
+    producer.provision(&user, None).await.unwrap();
+    settle(&t.env, "the purchase").await;
+    t.fake().inject(
         Some(Endpoint::DeleteUser),
         Fault::TooManyRequests {
             retry_after_secs: 60,
         },
         1,
     );
-    let producer = Producer::new(env.store.clone(), env.queue.clone());
-    let receipt = producer.deprovision(&user).await.unwrap();
-    let delete = receipt.jobs[0].job;
-    let delayed = format!("{}:delayed", env.prefix);
+    let delete = producer.deprovision(&user).await.unwrap().jobs[0].job;
+    let delayed = format!("{}:delayed", t.env.prefix);
     eventually(PATIENCE, "the delete waiting to retry", || async {
         redis_command(&["ZSCORE", &delayed, &delete.to_string()])
             .into_text()
@@ -285,28 +316,24 @@ async fn a_delayed_delete_does_not_destroy_a_renewed_key() {
     .await;
     producer.provision(&user, None).await.unwrap();
     eventually(PATIENCE, "the renewal active", || async {
-        let row = env.store.key_row(&user, id).await.ok()??;
-        (row.state == "active").then_some(())
+        (t.key_state(&user).await? == "active").then_some(())
     })
     .await;
-    let creates = fake.meter().creates_committed;
+    let creates = t.fake().meter().creates_committed;
     // Now the delete's retry comes due.
     redis_command(&["ZADD", &delayed, "0", &delete.to_string()]);
-    settle(&env, "the delete's retry").await;
+    settle(&t.env, "the delete's retry").await;
     assert_eq!(
-        fake.meter().deletes_committed,
+        t.fake().meter().deletes_committed,
         0,
         "the retried delete left the renewed key alone"
     );
     assert_eq!(
-        fake.meter().creates_committed,
+        t.fake().meter().creates_committed,
         creates,
         "the renewal adopted the key"
     );
-    assert_postgres_is_the_truth(&env, &[(id, fake)]).await;
-    stop(worker).await;
-    fleet.shutdown().await;
-    env.cleanup().await;
+    t.finish().await;
 }
 
 /// A create is at the server when the subscription is deprovisioned: the delete waits for the
@@ -314,32 +341,34 @@ async fn a_delayed_delete_does_not_destroy_a_renewed_key() {
 /// ran first, found nothing, and the create left an orphan key behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deprovision_while_a_create_runs_leaves_no_key_behind() {
-    let env = TestEnv::new().await;
-    let fleet = fleet(1, 0).await;
-    let fake = &fleet.servers[0];
-    let id = register(&env, "dc-0", fake, 4).await;
-    let worker = Worker::spawn(&env, 4, &FAST);
-    let create = fake.hold(Endpoint::CreateUser);
+    let t = OneServer::start("dc-0", &FAST).await;
+    let create = t.fake().hold(Endpoint::CreateUser);
     let user = sub("dc-user");
-    provision_many(&env, std::slice::from_ref(&user)).await;
+    let producer = t.producer();
+    producer.provision(&user, None).await.unwrap();
     create.wait_arrived(1).await;
-    let producer = Producer::new(env.store.clone(), env.queue.clone());
     let receipt = producer.deprovision(&user).await.unwrap();
     assert_eq!(
         receipt.cancelled, 0,
         "the create is running, not cancellable"
     );
+    // The delete either waits for the key's running create (parked in Redis) or, were jobs of one
+    // key not ordered, runs now, finds nothing on the server and finishes.
+    let delete = receipt.jobs[0].job;
+    eventually(PATIENCE, "the delete parked, or done", || async {
+        let state = job_field(&t.env, delete, "state");
+        matches!(state.as_deref(), Some("waiting") | None).then_some(())
+    })
+    .await;
     create.release();
-    settle(&env, "the create and the delete").await;
-    assert!(fake.users().is_empty(), "no orphan: {:?}", fake.users());
-    assert_eq!(
-        env.store.key_row(&user, id).await.unwrap().unwrap().state,
-        "deleted"
+    settle(&t.env, "the create and the delete").await;
+    assert!(
+        t.fake().users().is_empty(),
+        "no orphan: {:?}",
+        t.fake().users()
     );
-    assert_postgres_is_the_truth(&env, &[(id, fake)]).await;
-    stop(worker).await;
-    fleet.shutdown().await;
-    env.cleanup().await;
+    assert_eq!(t.key_state(&user).await.as_deref(), Some("deleted"));
+    t.finish().await;
 }
 
 /// A delete is at the server when the user buys again: the new create waits for the delete, then
@@ -347,20 +376,17 @@ async fn deprovision_while_a_create_runs_leaves_no_key_behind() {
 /// Postgres ended `active` with a dead link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provision_while_a_delete_runs_ends_with_one_live_key() {
-    let env = TestEnv::new().await;
-    let fleet = fleet(1, 0).await;
-    let fake = &fleet.servers[0];
-    let id = register(&env, "pd-0", fake, 4).await;
-    let worker = Worker::spawn(&env, 4, &FAST);
+    let t = OneServer::start("pd-0", &FAST).await;
     let user = sub("pd-user");
-    provision_many(&env, std::slice::from_ref(&user)).await;
-    settle(&env, "the purchase").await;
-    let delete = fake.hold(Endpoint::DeleteUser);
-    let producer = Producer::new(env.store.clone(), env.queue.clone());
+    let producer = t.producer();
+    producer.provision(&user, None).await.unwrap();
+    settle(&t.env, "the purchase").await;
+    let delete = t.fake().hold(Endpoint::DeleteUser);
     producer.deprovision(&user).await.unwrap();
     delete.wait_arrived(1).await;
     let lists = || {
-        fake.meter()
+        t.fake()
+            .meter()
             .requests
             .get(&Endpoint::ListUsers)
             .copied()
@@ -371,18 +397,15 @@ async fn provision_while_a_delete_runs_ends_with_one_live_key() {
     // The new create either waits for the key's running delete (parked in Redis) or, were jobs of
     // one key not ordered, runs now and looks the key up on the server to adopt it.
     eventually(PATIENCE, "the create parked, or acting", || async {
-        let parked = job_field(&env, create, "state").as_deref() == Some("waiting");
+        let parked = job_field(&t.env, create, "state").as_deref() == Some("waiting");
         (parked || lists() > lists_before).then_some(())
     })
     .await;
     delete.release();
-    settle(&env, "the delete and the new create").await;
-    assert_eq!(fake.meter().deletes_committed, 1);
-    assert_eq!(fake.users().len(), 1, "one live key");
-    assert_postgres_is_the_truth(&env, &[(id, fake)]).await;
-    stop(worker).await;
-    fleet.shutdown().await;
-    env.cleanup().await;
+    settle(&t.env, "the delete and the new create").await;
+    assert_eq!(t.fake().meter().deletes_committed, 1);
+    assert_eq!(t.fake().users().len(), 1, "one live key");
+    t.finish().await;
 }
 
 /// A server refuses connections with 200 creates queued for it, for longer than every create's
