@@ -524,3 +524,30 @@ async fn dead_jobs_are_listed_with_their_reason_and_can_be_replayed() {
     assert_eq!(q.stats().await.unwrap().ready, 1);
     cleanup(q).await;
 }
+
+#[tokio::test]
+async fn jobs_queued_by_a_version_without_ready_counts_stay_claimable() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let q = Queue::connect(&url, config()).unwrap();
+    q.set_limits(&[(ServerId(1), 4)]).await.unwrap();
+    q.enqueue(&create(1, "old")).await.unwrap();
+    q.enqueue(&create(1, "older")).await.unwrap();
+    // What an older keyfleet left in Redis: the job in its ready list, no count, no epoch.
+    let prefix = q.config().prefix.clone();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}:nready"))
+        .arg(format!("{prefix}:epoch"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(q.initialize(1).await.unwrap());
+    assert_eq!(q.stats().await.unwrap().ready, 2);
+    assert!(claim(&q).await.is_some(), "the old jobs are claimable");
+    assert!(claim(&q).await.is_some(), "all of them");
+    cleanup(q).await;
+}

@@ -1,8 +1,20 @@
 -- ARGV: prefix, epoch
 -- Marks the queue initialised once the caller has raised P:fence past every fence of earlier
--- epochs. Returns 1 when this call initialised it (Redis was new or had lost keyfleet's state: the
--- caller re-derives outstanding work from Postgres), 0 when another caller already had.
-if redis.call('SET', P .. ':epoch', ARGV[2], 'NX') then
-  return 1
+-- epochs. Returns 1 when this call initialised it (Redis was new, had lost keyfleet's state, or was
+-- written by a version without epochs), 0 when another caller already had.
+if not redis.call('SET', P .. ':epoch', ARGV[2], 'NX') then
+  return 0
 end
-return 0
+-- Ready lists a version without ready counts left behind are counted (ids of cancelled jobs too:
+-- claims drop those and fix the count when the list runs out), so their jobs are claimable.
+local now = now_ms()
+for _, s in ipairs(redis.call('SMEMBERS', P .. ':servers')) do
+  if redis.call('HEXISTS', P .. ':nready', s) == 0 then
+    local n = redis.call('LLEN', P .. ':ready:' .. s)
+    if n > 0 then
+      redis.call('HSET', P .. ':nready', s, n)
+      refresh_and_wake(s, now)
+    end
+  end
+end
+return 1
