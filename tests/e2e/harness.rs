@@ -178,6 +178,74 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// A TCP proxy inside the test (to Postgres or Redis). `cut` closes every proxied connection and
+/// closes new ones as soon as they are accepted, until `restore`: to the worker, the service is gone.
+pub struct TcpProxy {
+    pub port: u16,
+    state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    down: bool,
+    relays: Vec<tokio::task::AbortHandle>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(ProxyState::default()));
+        let shared = std::sync::Arc::clone(&state);
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut state = shared.lock().unwrap();
+                if state.down {
+                    drop(client);
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                state.relays.retain(|r| !r.is_finished());
+                state.relays.push(relay.abort_handle());
+            }
+        });
+        Self {
+            port,
+            state,
+            accept,
+        }
+    }
+
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.down = true;
+        for relay in state.relays.drain(..) {
+            relay.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.lock().unwrap().down = false;
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for relay in self.state.lock().unwrap().relays.drain(..) {
+            relay.abort();
+        }
+    }
+}
+
 /// Polls `check` until it returns `Some`, failing the test after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,10 +16,9 @@ use keyfleet_fakevpn::{Endpoint, FakeFleet, FakeServer, FakeServerConfig, Latenc
 use keyfleet_queue::QueueStats;
 use keyfleet_store::Store;
 use sqlx::Row;
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{
-    TestEnv, base_database_url, eventually,
+    TcpProxy, TestEnv, base_database_url, eventually,
     sweeping::{LoggedProcess, spawn_scheduler, spawn_worker},
 };
 
@@ -1013,74 +1011,6 @@ async fn expiry_deletes_exactly_the_expired_keys_grouped_per_server() {
 // 8. Postgres unavailable for 10 s
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP proxy to Postgres inside the test. `cut` closes every proxied connection and closes new
-/// ones as soon as they are accepted, until `restore`: to the worker, Postgres is gone.
-struct PgProxy {
-    port: u16,
-    state: Arc<Mutex<ProxyState>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Default)]
-struct ProxyState {
-    down: bool,
-    relays: Vec<tokio::task::AbortHandle>,
-}
-
-impl PgProxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(ProxyState::default()));
-        let shared = Arc::clone(&state);
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut state = shared.lock().unwrap();
-                if state.down {
-                    drop(client);
-                    continue;
-                }
-                let relay = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                state.relays.retain(|r| !r.is_finished());
-                state.relays.push(relay.abort_handle());
-            }
-        });
-        Self {
-            port,
-            state,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        let mut state = self.state.lock().unwrap();
-        state.down = true;
-        for relay in state.relays.drain(..) {
-            relay.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.state.lock().unwrap().down = false;
-    }
-}
-
-impl Drop for PgProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for relay in self.state.lock().unwrap().relays.drain(..) {
-            relay.abort();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_result_lands_after_ten_seconds_without_postgres() {
     let env = TestEnv::new().await;
@@ -1100,7 +1030,7 @@ async fn every_result_lands_after_ten_seconds_without_postgres() {
     .parse()
     .unwrap();
     assert!(upstream.ip().is_loopback(), "only ever 127.0.0.1");
-    let proxy = PgProxy::start(upstream).await;
+    let proxy = TcpProxy::start(upstream).await;
     let mut through_proxy = base.clone();
     through_proxy.set_port(Some(proxy.port)).unwrap();
     let mut worker = spawn_worker(&env, 8, &[("DATABASE_URL", through_proxy.as_str())]);
