@@ -48,6 +48,26 @@ pub enum Error {
     Reply(String),
 }
 
+/// Which of a server's two ready lanes a job waits in. A claim takes the urgent lane first, except
+/// that after eight urgent claims in a row while normal jobs wait it takes a normal one: a purchase
+/// waits at most for the requests already in flight, and sweeps still get one claim in nine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// What a customer waits for: a purchase's creates, a deprovision's deletes.
+    Urgent,
+    /// Sweeps, config syncs, repairs.
+    Normal,
+}
+
+impl Lane {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Urgent => "urgent",
+            Self::Normal => "normal",
+        }
+    }
+}
+
 /// A job's id in Redis.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -290,15 +310,29 @@ impl Queue {
         format!("{}:{suffix}", self.config.prefix)
     }
 
-    /// Enqueues a job unless the same operation is already queued or running.
+    /// Enqueues a job in the normal lane unless the same operation is already queued or running.
     pub async fn enqueue(&self, payload: &JobPayload) -> Result<Enqueued> {
-        self.enqueue_keyed(&payload.idempotency_key(), payload)
+        self.enqueue_in(Lane::Normal, payload).await
+    }
+
+    /// Like [`Queue::enqueue`], in the given lane.
+    pub async fn enqueue_in(&self, lane: Lane, payload: &JobPayload) -> Result<Enqueued> {
+        self.enqueue_keyed_in(lane, &payload.idempotency_key(), payload)
             .await
     }
 
     /// Enqueues a job under a caller-chosen idempotency key (e.g. the purchase's order id): while
     /// a job with that key is live, the same payload returns it and another payload is an error.
     pub async fn enqueue_keyed(&self, idem: &str, payload: &JobPayload) -> Result<Enqueued> {
+        self.enqueue_keyed_in(Lane::Normal, idem, payload).await
+    }
+
+    async fn enqueue_keyed_in(
+        &self,
+        lane: Lane,
+        idem: &str,
+        payload: &JobPayload,
+    ) -> Result<Enqueued> {
         if idem.is_empty() || idem.len() > 200 {
             return Err(Error::BadIdempotencyKey(idem.chars().take(40).collect()));
         }
@@ -312,6 +346,7 @@ impl Queue {
             .arg(payload.kind().as_str())
             .arg(payload.kind().max_attempts())
             .arg(payload.key_lock().unwrap_or_default())
+            .arg(lane.as_str())
             .invoke_async(&mut self.conn.clone())
             .await?;
         let id = JobId(
@@ -342,9 +377,19 @@ impl Queue {
         Ok(invocation.invoke_async(&mut self.conn.clone()).await?)
     }
 
-    /// Enqueues many jobs concurrently over the one multiplexed connection (pipelined).
+    /// Enqueues many jobs in the normal lane concurrently over the one multiplexed connection
+    /// (pipelined).
     pub async fn enqueue_all(&self, payloads: &[JobPayload]) -> Result<Vec<Enqueued>> {
-        futures::future::try_join_all(payloads.iter().map(|p| self.enqueue(p))).await
+        self.enqueue_all_in(Lane::Normal, payloads).await
+    }
+
+    /// Like [`Queue::enqueue_all`], in the given lane.
+    pub async fn enqueue_all_in(
+        &self,
+        lane: Lane,
+        payloads: &[JobPayload],
+    ) -> Result<Vec<Enqueued>> {
+        futures::future::try_join_all(payloads.iter().map(|p| self.enqueue_in(lane, p))).await
     }
 
     /// Sets fleet-wide in-flight limits; takes effect at the next claim.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use keyfleet_core::{JobKind, JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{
     BreakerEvent, Claim, ClaimedJob, Enqueued, FENCE_EPOCH_SHIFT, Finish, FinishResult, JobId,
-    ProbeOutcome, Queue, QueueConfig, ReplayOutcome,
+    Lane, ProbeOutcome, Queue, QueueConfig, ReplayOutcome,
 };
 
 fn config() -> QueueConfig {
@@ -549,5 +549,75 @@ async fn jobs_queued_by_a_version_without_ready_counts_stay_claimable() {
     assert_eq!(q.stats().await.unwrap().ready, 2);
     assert!(claim(&q).await.is_some(), "the old jobs are claimable");
     assert!(claim(&q).await.is_some(), "all of them");
+    cleanup(q).await;
+}
+
+fn sync(server: i64, sub: &str) -> JobPayload {
+    JobPayload::SyncConfig {
+        server: ServerId(server),
+        subscription: SubscriptionId::parse(sub).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_purchase_goes_ahead_of_a_backlog_of_config_syncs() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 1)]).await.unwrap();
+    let backlog: Vec<JobPayload> = (0..5000).map(|i| sync(1, &format!("c{i}"))).collect();
+    for chunk in backlog.chunks(500) {
+        q.enqueue_all(chunk).await.unwrap();
+    }
+    let in_flight = claim(&q).await.unwrap();
+    q.enqueue_in(Lane::Urgent, &create(1, "buyer"))
+        .await
+        .unwrap();
+    assert!(claim(&q).await.is_none(), "the server is at its limit");
+    finish(&q, &in_flight, &Finish::Done).await;
+    let next = claim(&q).await.unwrap();
+    assert_eq!(
+        JobPayload::from_json(&next.payload).unwrap(),
+        create(1, "buyer"),
+        "the purchase waited only for the request in flight"
+    );
+    assert_eq!(q.stats().await.unwrap().ready, 4999);
+    // A retried urgent job stays urgent.
+    let retry = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "503".into(),
+        server_fault: false,
+    };
+    finish(&q, &next, &retry).await;
+    let again = claim(&q).await.unwrap();
+    assert_eq!(again.id, next.id);
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn a_stream_of_urgent_jobs_does_not_starve_the_normal_lane() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 1)]).await.unwrap();
+    for i in 0..20 {
+        q.enqueue(&sync(1, &format!("n{i}"))).await.unwrap();
+    }
+    for i in 0..40 {
+        q.enqueue_in(Lane::Urgent, &create(1, &format!("u{i}")))
+            .await
+            .unwrap();
+    }
+    let mut kinds = vec![];
+    for _ in 0..45 {
+        let job = claim(&q).await.unwrap();
+        kinds.push(JobPayload::from_json(&job.payload).unwrap().kind());
+        finish(&q, &job, &Finish::Done).await;
+    }
+    let normal = kinds.iter().filter(|k| **k == JobKind::SyncConfig).count();
+    assert_eq!(
+        normal, 5,
+        "one claim in nine goes to the normal lane: {kinds:?}"
+    );
+    assert!(
+        kinds[..8].iter().all(|k| *k == JobKind::CreateKey) && kinds[8] == JobKind::SyncConfig,
+        "{kinds:?}"
+    );
     cleanup(q).await;
 }

@@ -1,9 +1,10 @@
 //! The producer: what the purchase service calls. It records the desired state in Postgres first
-//! (so a reconcile can always re-derive the work), then enqueues one job per server.
+//! (so a reconcile can always re-derive the work), then enqueues one job per server, in the urgent
+//! lane: a customer waits for these, not for sweeps.
 
 use chrono::{DateTime, Utc};
 use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
-use keyfleet_queue::{JobId, Queue};
+use keyfleet_queue::{JobId, Lane, Queue};
 use keyfleet_store::{Server, Store};
 use serde::Serialize;
 
@@ -70,8 +71,12 @@ impl Producer {
                 verify: tried,
             })
             .collect();
-        let results =
-            futures::future::join_all(payloads.iter().map(|p| self.queue.enqueue(p))).await;
+        let results = futures::future::join_all(
+            payloads
+                .iter()
+                .map(|p| self.queue.enqueue_in(Lane::Urgent, p)),
+        )
+        .await;
         let mut jobs = Vec::with_capacity(payloads.len());
         for (payload, result) in payloads.iter().zip(results) {
             let (job, new) = match result {
@@ -117,7 +122,7 @@ impl Producer {
             .iter()
             .map(|&s| JobPayload::delete(s, subscription.clone()))
             .collect();
-        let enqueued = self.queue.enqueue_all(&payloads).await?;
+        let enqueued = self.queue.enqueue_all_in(Lane::Urgent, &payloads).await?;
         Ok(DeprovisionReceipt {
             subscription: subscription.clone(),
             jobs: payloads

@@ -4,7 +4,10 @@
 --   P:fence        the monotonic fence counter (raised past every earlier epoch at init);  P:seq  job ids
 --   P:job:<id>     hash: payload server kind max attempts tries fence state worker error idem lock enqueued_at
 --   P:ready:<s>    list of ready job ids of server s (LPUSH in, RPOP out: FIFO); may hold ids of
---                  cancelled jobs, which claims skip;  P:nready  hash server -> ready jobs (exact)
+--                  cancelled jobs, which claims skip;  P:urgent:<s>  the same for the urgent lane
+--                  (purchases), claimed first;  P:nready  hash server -> ready jobs, both lanes (exact)
+--   P:streak       hash server -> urgent claims in a row while normal jobs wait (the anti-starvation
+--                  turn: every URGENT_STREAK-th claim takes a normal job)
 --   P:ring         list of servers that can be claimed from now; P:inring is its member set
 --   P:limits       hash server -> max in flight;  P:inflight  hash server -> claimed jobs and probes
 --   P:lock:<l>     the running job that holds per-key lock l (a key's create, delete and config
@@ -15,6 +18,10 @@
 --   P:leases       zset id -> lease deadline (ms);  P:delayed  zset id -> due (ms)
 --   P:dead         zset id -> dead-lettered at (ms);  P:idem:<key>  -> live job id
 local P = ARGV[1]
+
+-- Under a steady stream of purchases, a server's normal lane (sweeps, config syncs) still gets one
+-- claim in URGENT_STREAK + 1.
+local URGENT_STREAK = 8
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -61,33 +68,68 @@ local function refresh_and_wake(s, now)
   end
 end
 
--- front = true puts the job where the next claim of its server takes it (a released job).
+local function ready_list(id, s)
+  if redis.call('HGET', jobkey(id), 'lane') == 'urgent' then
+    return P .. ':urgent:' .. s
+  end
+  return P .. ':ready:' .. s
+end
+
+-- front = true puts the job where the next claim of its server and lane takes it (a released job).
 local function make_ready(id, s, front, now)
   redis.call('HSET', jobkey(id), 'state', 'ready')
   if front then
-    redis.call('RPUSH', P .. ':ready:' .. s, id)
+    redis.call('RPUSH', ready_list(id, s), id)
   else
-    redis.call('LPUSH', P .. ':ready:' .. s, id)
+    redis.call('LPUSH', ready_list(id, s), id)
   end
   redis.call('HINCRBY', P .. ':nready', s, 1)
   refresh_and_wake(s, now)
 end
 
--- The next job of server s that is still ready, taken off its list; ids of cancelled jobs are
+-- The next job of a ready list that is still ready, taken off it; ids of cancelled jobs are
 -- dropped on the way (they were uncounted when cancelled), so a cancelled backlog costs O(1) each.
-local function pop_ready(s)
+-- Returns the id, or nil with whether the list is now known to be empty.
+local function pop_live(list)
   for _ = 1, 1000 do
-    local id = redis.call('RPOP', P .. ':ready:' .. s)
+    local id = redis.call('RPOP', list)
     if not id then
-      redis.call('HDEL', P .. ':nready', s)
-      return nil
+      return nil, true
     end
     if redis.call('HGET', jobkey(id), 'state') == 'ready' then
+      return id, false
+    end
+  end
+  return nil, false
+end
+
+-- The next ready job of server s: the urgent lane first, except that after URGENT_STREAK urgent
+-- claims in a row a waiting normal job goes (no lane starves the other).
+local function pop_ready(s)
+  local urgent, normal = P .. ':urgent:' .. s, P .. ':ready:' .. s
+  local streak = tonumber(redis.call('HGET', P .. ':streak', s) or '0')
+  local order = {urgent, normal}
+  if streak >= URGENT_STREAK then
+    order = {normal, urgent}
+  end
+  local drained = true
+  for _, list in ipairs(order) do
+    local id, empty = pop_live(list)
+    if id then
+      if list == urgent and redis.call('LLEN', normal) > 0 then
+        redis.call('HINCRBY', P .. ':streak', s, 1)
+      else
+        redis.call('HDEL', P .. ':streak', s)
+      end
       if redis.call('HINCRBY', P .. ':nready', s, -1) < 0 then
         redis.call('HSET', P .. ':nready', s, 0)
       end
       return id
     end
+    drained = drained and empty
+  end
+  if drained then
+    redis.call('HDEL', P .. ':nready', s)
   end
   return nil
 end

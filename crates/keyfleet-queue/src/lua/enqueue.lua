@@ -1,4 +1,5 @@
--- ARGV: prefix, idempotency key, payload, server, kind, max attempts, per-key lock ('' for none)
+-- ARGV: prefix, idempotency key, payload, server, kind, max attempts, per-key lock ('' for none),
+--       lane (urgent|normal)
 -- Returns {id, 1} for a new job, {id, 0} for the live job of the same operation,
 -- {id, -1} when the key names a live job with a different payload.
 local idem_key = P .. ':idem:' .. ARGV[2]
@@ -18,6 +19,9 @@ redis.call('HSET', jobkey(id), 'payload', ARGV[3], 'server', s, 'kind', ARGV[5],
   'attempts', 0, 'fence', 0, 'idem', ARGV[2], 'enqueued_at', now)
 if ARGV[7] ~= '' then
   redis.call('HSET', jobkey(id), 'lock', ARGV[7])
+end
+if ARGV[8] == 'urgent' then
+  redis.call('HSET', jobkey(id), 'lane', 'urgent')
 end
 redis.call('SET', idem_key, id)
 redis.call('SADD', P .. ':servers', s)

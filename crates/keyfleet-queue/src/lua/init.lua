@@ -10,7 +10,7 @@ end
 local now = now_ms()
 for _, s in ipairs(redis.call('SMEMBERS', P .. ':servers')) do
   if redis.call('HEXISTS', P .. ':nready', s) == 0 then
-    local n = redis.call('LLEN', P .. ':ready:' .. s)
+    local n = redis.call('LLEN', P .. ':ready:' .. s) + redis.call('LLEN', P .. ':urgent:' .. s)
     if n > 0 then
       redis.call('HSET', P .. ':nready', s, n)
       refresh_and_wake(s, now)
