@@ -255,7 +255,7 @@ async fn a_redis_that_lost_its_data_is_refilled_from_postgres_and_nothing_sticks
     assert_postgres_is_the_truth(&env, &servers).await;
     let log = worker.log();
     assert!(
-        log.contains("re-deriving outstanding work from Postgres"),
+        log.contains("re-derived outstanding work from Postgres"),
         "the worker noticed the loss:\n{log}"
     );
     stop(worker).await;

@@ -39,12 +39,19 @@ pub async fn initialize(
 ) -> anyhow::Result<Option<RecoveryReport>> {
     let epoch = store.next_fence_epoch().await?;
     queue.raise_fence(epoch << FENCE_EPOCH_SHIFT).await?;
-    tracing::warn!(
-        epoch,
-        "Redis holds no keyfleet state (new, or it lost its data): re-deriving outstanding work from Postgres."
-    );
     let report = recover(store, queue, settings, epoch).await?;
-    Ok(queue.mark_initialized(epoch).await?.then_some(report))
+    if !queue.mark_initialized(epoch).await? {
+        return Ok(None);
+    }
+    if epoch == 1 {
+        tracing::info!(?report, "Initialised a new Redis from Postgres.");
+    } else {
+        tracing::warn!(
+            ?report,
+            "Redis held no keyfleet state (it lost its data, or is new): re-derived outstanding work from Postgres."
+        );
+    }
+    Ok(Some(report))
 }
 
 /// `keyfleet recover`: starts a new fence epoch whatever Redis holds, then re-derives every
@@ -58,6 +65,7 @@ pub async fn force(
     queue.raise_fence(epoch << FENCE_EPOCH_SHIFT).await?;
     let report = recover(store, queue, settings, epoch).await?;
     queue.mark_initialized(epoch).await?;
+    tracing::info!(?report, "Re-derived outstanding work from Postgres.");
     Ok(report)
 }
 
@@ -138,6 +146,5 @@ async fn recover(
         config_syncs: configs.len(),
         enqueued,
     };
-    tracing::info!(?report, "Recovered outstanding work from Postgres.");
     Ok(report)
 }
