@@ -64,17 +64,11 @@ impl LeaseRegistry {
     }
 
     /// A heartbeat sent at `sent_at` extended every lease in `extended` except those `lost`.
-    fn confirm(
-        &self,
-        extended: &[(JobId, i64)],
-        lost: &[JobId],
-        sent_at: Instant,
-        lease: Duration,
-    ) {
+    fn confirm(&self, extended: &[LeaseKey], lost: &[LeaseKey], sent_at: Instant, lease: Duration) {
         let held = self.held.lock();
         for key in extended {
             let Some(tx) = held.get(key) else { continue };
-            if lost.contains(&key.0) {
+            if lost.contains(key) {
                 tx.send_modify(|v| v.lost = true);
             } else {
                 tx.send_modify(|v| v.confirmed_until = sent_at + usable(lease));

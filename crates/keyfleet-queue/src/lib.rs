@@ -612,9 +612,10 @@ impl Queue {
         Ok((result, event))
     }
 
-    /// Extends the leases of jobs still held; returns those whose lease is lost (the job moved on
-    /// to another attempt, or is gone: finished meanwhile, or lost with Redis's data).
-    pub async fn heartbeat(&self, held: &[(JobId, i64)]) -> Result<Vec<JobId>> {
+    /// Extends the leases of the attempts (job, fence) still held; returns the attempts whose lease
+    /// is lost (the job moved on to another attempt, or is gone: finished meanwhile, or lost with
+    /// Redis's data).
+    pub async fn heartbeat(&self, held: &[(JobId, i64)]) -> Result<Vec<(JobId, i64)>> {
         if held.is_empty() {
             return Ok(vec![]);
         }
@@ -623,8 +624,11 @@ impl Queue {
         for (id, fence) in held {
             invocation.arg(id.0).arg(*fence);
         }
-        let lost: Vec<u64> = invocation.invoke_async(&mut self.conn.clone()).await?;
-        Ok(lost.into_iter().map(JobId).collect())
+        let lost: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        Ok(lost
+            .chunks_exact(2)
+            .map(|pair| (JobId(pair[0] as u64), pair[1]))
+            .collect())
     }
 
     /// Takes back up to `max` jobs whose lease expired; returns how many, and those of them that

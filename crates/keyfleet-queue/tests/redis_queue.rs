@@ -414,14 +414,16 @@ async fn a_heartbeat_reports_a_job_that_redis_lost_as_lost() {
             .is_empty()
     );
     assert_eq!(
-        q.heartbeat(&[(job.id, job.fence + 1)]).await.unwrap(),
-        vec![job.id],
-        "another attempt's fence"
+        q.heartbeat(&[(job.id, job.fence + 1), (job.id, job.fence)])
+            .await
+            .unwrap(),
+        vec![(job.id, job.fence + 1)],
+        "another attempt's fence is lost, this attempt's is not"
     );
     q.purge().await.unwrap();
     assert_eq!(
         q.heartbeat(&[(job.id, job.fence)]).await.unwrap(),
-        vec![job.id]
+        vec![(job.id, job.fence)]
     );
     cleanup(q).await;
 }

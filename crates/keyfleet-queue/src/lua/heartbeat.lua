@@ -1,5 +1,5 @@
 -- ARGV: prefix, lease ms, then pairs of (job id, fence)
--- Extends the leases still held; returns the ids whose lease is lost: the job is gone (finished
+-- Extends the leases still held; returns {id, fence, ...} of the attempts whose lease is lost: the job is gone (finished
 -- meanwhile, or Redis lost it) or moved on to another attempt. The caller stops those attempts
 -- still running, so a server never sees more than its limit.
 local now = now_ms()
@@ -11,6 +11,7 @@ for i = 3, #ARGV, 2 do
     redis.call('ZADD', P .. ':leases', 'XX', now + tonumber(ARGV[2]), id)
   else
     table.insert(lost, id)
+    table.insert(lost, ARGV[i + 1])
   end
 end
 return lost
