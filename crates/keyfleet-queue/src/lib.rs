@@ -472,6 +472,46 @@ impl Queue {
         Ok(value.unwrap_or(0))
     }
 
+    /// What is wrong with the Redis server's settings for keyfleet, as warnings an operator can act
+    /// on: an eviction policy under a memory limit (evicted keys are lost work until the next
+    /// recovery), and no persistence (a restart empties the queue: recovery re-derives the work
+    /// from Postgres, but retries' back-off and the dead set are gone). Empty when the settings are
+    /// right or cannot be read (managed Redis often disables `CONFIG`).
+    pub async fn settings_warnings(&self) -> Vec<String> {
+        let get = |name: &'static str| {
+            let mut conn = self.conn.clone();
+            async move {
+                let pair: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                pair.into_iter().nth(1)
+            }
+        };
+        let mut warnings = Vec::new();
+        let maxmemory = get("maxmemory").await;
+        let policy = get("maxmemory-policy").await;
+        if let (Some(limit), Some(policy)) = (&maxmemory, &policy)
+            && limit != "0"
+            && policy != "noeviction"
+        {
+            warnings.push(format!(
+                "Redis evicts keys under its memory limit (maxmemory {limit}, maxmemory-policy {policy}): set maxmemory-policy noeviction, or queued work can vanish until the next recovery"
+            ));
+        }
+        let appendonly = get("appendonly").await;
+        let save = get("save").await;
+        if appendonly.as_deref() == Some("no") && save.as_deref() == Some("") {
+            warnings.push(
+                "Redis keeps nothing on disk (appendonly no, save \"\"): a restart empties the queue; keyfleet re-derives the work from Postgres, but retry back-off and the dead set are lost. Enable appendonly yes for production"
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
     /// Whether `job` is still running under this attempt's fence (its lease is held).
     pub async fn is_current_attempt(&self, job: &ClaimedJob) -> Result<bool> {
         let (state, fence): (Option<String>, Option<i64>) = redis::cmd("HMGET")

@@ -623,3 +623,86 @@ async fn a_stream_of_urgent_jobs_does_not_starve_the_normal_lane() {
     );
     cleanup(q).await;
 }
+
+/// A redis-server of the test's own, with these settings, on a free loopback port.
+struct OwnRedis(std::process::Child, u16);
+
+impl OwnRedis {
+    async fn start(settings: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(settings)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let redis = Self(child, port);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return redis;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not listen");
+    }
+
+    fn queue(&self) -> Queue {
+        Queue::connect(&format!("redis://127.0.0.1:{}", self.1), config()).unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn settings_that_lose_work_are_named_at_start_up() {
+    let dir = std::env::temp_dir().join(format!("kf-redis-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.to_str().unwrap().to_owned();
+    let evicting = OwnRedis::start(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .await;
+    let warnings = evicting.queue().settings_warnings().await;
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("maxmemory-policy noeviction"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("keeps nothing on disk"),
+        "{warnings:?}"
+    );
+    let right = OwnRedis::start(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "noeviction",
+        "--appendonly",
+        "yes",
+        "--dir",
+        &dir,
+    ])
+    .await;
+    assert_eq!(
+        right.queue().settings_warnings().await,
+        Vec::<String>::new()
+    );
+    drop(right);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -31,6 +31,9 @@ impl Scheduler {
             !self.schedules.is_empty(),
             "every sweep is off: nothing to schedule"
         );
+        for warning in self.queue.settings_warnings().await {
+            tracing::warn!("{warning}.");
+        }
         let started = Utc::now();
         tracing::info!(id = %self.id, sweeps = ?self.schedules.iter().map(|(s, _)| s.name()).collect::<Vec<_>>(), "Scheduler started.");
         tokio::pin!(shutdown);

@@ -67,6 +67,9 @@ pub async fn run(
     let queue = settings.queue()?;
     let servers = store.list_servers().await?;
     sync_limits(&queue, &servers).await?;
+    for warning in queue.settings_warnings().await {
+        tracing::warn!("{warning}.");
+    }
     let leases = LeaseRegistry::default();
     let held = leases.clone();
     let (writeback, writeback_task) = WriteBack::spawn_with(
