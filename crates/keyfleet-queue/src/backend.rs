@@ -44,7 +44,10 @@ enum State {
     Idle,
     /// The wake generation read before the claim started, so no wake-up can slip between them.
     Claiming(u64, BoxFuture<'static, crate::Result<Claim>>),
+    /// Idle (waiting for a wake-up), backing off, or initialising Redis: nothing to finish at stop.
     Waiting(BoxFuture<'static, ()>),
+    /// Giving back a job claimed as the worker stopped.
+    Releasing(BoxFuture<'static, ()>),
 }
 
 impl QueueBackend {
@@ -129,7 +132,7 @@ impl Backend for QueueBackend {
                         }
                     }
                 }
-                State::Waiting(wait) => {
+                State::Waiting(wait) | State::Releasing(wait) => {
                     ready!(wait.as_mut().poll(cx));
                     self.state = State::Idle;
                 }
@@ -142,18 +145,29 @@ impl Backend for QueueBackend {
         if let State::Claiming(_, claim) = &mut self.state {
             let claimed = ready!(claim.as_mut().poll(cx));
             self.state = State::Idle;
-            if let Ok(Claim::Job(job)) = claimed {
-                let queue = self.queue.clone();
-                self.state = State::Waiting(Box::pin(async move {
-                    if let Err(error) = queue.finish(&job, &Finish::Release).await {
-                        tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.");
-                    }
-                }));
+            match claimed {
+                Ok(Claim::Job(job)) => {
+                    let queue = self.queue.clone();
+                    self.state = State::Releasing(Box::pin(async move {
+                        if let Err(error) = queue.finish(&job, &Finish::Release).await {
+                            tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.");
+                        }
+                    }));
+                }
+                // A probe holds one of the server's slots: run it (the reaper would take it back
+                // after a lease otherwise).
+                Ok(Claim::Probe(server)) => self.state = State::Releasing(self.hooks.probe(server)),
+                _ => {}
             }
         }
-        if let State::Waiting(wait) = &mut self.state {
-            ready!(wait.as_mut().poll(cx));
-            self.state = State::Idle;
+        match &mut self.state {
+            State::Releasing(release) => {
+                ready!(release.as_mut().poll(cx));
+                self.state = State::Idle;
+            }
+            // An idle wait or a back-off has nothing to finish: stop now, not at its end.
+            State::Waiting(_) => self.state = State::Idle,
+            State::Idle | State::Claiming(..) => {}
         }
         Poll::Ready(Ok(()))
     }
