@@ -192,8 +192,8 @@ impl Executor {
     }
 
     /// A result was refused because Postgres holds a newer fence. Normally a newer attempt did the
-    /// work: done. If Redis never handed out that fence it went backwards: raise the fences and run
-    /// the job again, spending no attempt.
+    /// work: done. If no newer attempt exists, Redis went backwards: the fences are raised and the
+    /// job runs again, spending no attempt (`recovery::fence_is_behind`).
     async fn fenced(&self, job: &ClaimedJob, payload: &JobPayload, row_fence: i64) -> Finish {
         match recovery::fence_is_behind(&self.store, &self.queue, job, row_fence).await {
             Ok(false) => {
@@ -202,7 +202,7 @@ impl Executor {
             }
             Ok(true) => Finish::Requeue {
                 error: format!(
-                    "fenced out by fence {row_fence}, which Redis never handed out; running again under a new fence epoch"
+                    "fenced out by fence {row_fence} though no newer attempt of this job exists (Redis went backwards); running again under a fence Postgres accepts"
                 ),
             },
             Err(e) => {
