@@ -782,3 +782,69 @@ async fn a_sweep_that_fails_leaves_its_tick_to_be_tried_again() {
     fake.shutdown().await;
     env.cleanup().await;
 }
+
+/// Issue 8's priority lane, end to end: a server at limit 1 has 300 config syncs queued (after a
+/// config bump) when a customer buys. The purchase's create is the next request the server sees
+/// after the one in flight: it never waits behind the sweep's work. Proven by the order of the
+/// fake's request log, not by time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_overtakes_a_config_sync_backlog_on_its_server() {
+    let env = TestEnv::new().await;
+    let fake = FakeServer::start(
+        FakeServerConfig::v2ray().with_latency(Latency::Fixed(Duration::from_millis(5))),
+    )
+    .await
+    .unwrap();
+    let id = register(&env, "lane", &fake, 1).await;
+    env.store
+        .execute_admin(&format!(
+            "INSERT INTO subscriptions (id) SELECT 'bulk-' || g FROM generate_series(1, 300) g;
+             INSERT INTO keys (subscription_id, server_id, state, server_key_id, link,
+                               config_synced_at, config_generation)
+             SELECT 'bulk-' || g, {}, 'active', 'ghost-' || g, 'vless://ghost', now(), 1
+             FROM generate_series(1, 300) g",
+            id.0
+        ))
+        .await
+        .unwrap();
+    env.ok(&["server", "bump-config", "lane"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&env.ok(&["sweep", "configs", "--json"])).unwrap();
+    assert_eq!(report["enqueued"], 300);
+    let worker = Worker::spawn(&env, 4, &FAST);
+    let log_len = || fake.meter().log.len();
+    eventually(PATIENCE, "the sync backlog under way", || async {
+        (log_len() >= 20).then_some(())
+    })
+    .await;
+    let buyer = sub("lane-buyer");
+    Producer::new(env.store.clone(), env.queue.clone())
+        .provision(&buyer, None)
+        .await
+        .unwrap();
+    let seen_before = log_len();
+    eventually(PATIENCE, "the purchase's key active", || async {
+        let row = env.store.key_row(&buyer, id).await.ok()??;
+        (row.state == "active").then_some(())
+    })
+    .await;
+    let log = fake.meter().log;
+    let create_at = log
+        .iter()
+        .position(|r| r.endpoint == Endpoint::CreateUser)
+        .expect("the purchase's create reached the server");
+    // At most the request in flight at the purchase (and one claimed just before it) came first.
+    assert!(
+        create_at <= seen_before + 1,
+        "the create was request #{create_at}, {} requests after the purchase was queued",
+        create_at - seen_before
+    );
+    let syncs_left = env.queue.stats().await.unwrap().ready;
+    assert!(
+        syncs_left > 100,
+        "the backlog was still there: {syncs_left} ready"
+    );
+    stop(worker).await;
+    fake.shutdown().await;
+    env.cleanup().await;
+}
