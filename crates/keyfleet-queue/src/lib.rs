@@ -268,6 +268,39 @@ pub struct QueueStats {
     pub done: u64,
 }
 
+/// One server's view of the queue, for the API, metrics and the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServerQueueStats {
+    pub server: ServerId,
+    /// Both lanes (`P:nready`).
+    pub ready: u64,
+    /// Retries waiting for their back-off.
+    pub delayed: u64,
+    /// Claimed jobs and health probes (`P:inflight`).
+    pub running: u64,
+    pub dead: u64,
+    /// `P:limits`; `None` if never set.
+    pub limit: Option<u32>,
+    pub breaker: Breaker,
+    /// Paused by an operator (`pause_server`): nothing is claimed from it, probes included.
+    pub paused: bool,
+}
+
+/// A server's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Breaker {
+    Closed,
+    /// Its jobs wait until a health probe, due after the cool-down, succeeds.
+    Open,
+    /// A health probe is in flight.
+    Probing,
+}
+
+/// A server's row of the `server_stats` script: server, ready, delayed, running, dead, limit
+/// (-1: none), breaker (0 closed, 1 open, 2 probing), paused by an operator.
+type ServerStatsRow = (i64, u64, u64, u64, u64, i64, u8, u8);
+
 /// Bits of a fence below its epoch: an epoch can hand out 2^40 fences.
 pub const FENCE_EPOCH_SHIFT: u32 = 40;
 
@@ -723,6 +756,43 @@ impl Queue {
             dead: counts[n + 2].unwrap_or(0),
             done: counts[n + 3].unwrap_or(0),
         })
+    }
+
+    /// Every server the queue knows (has ever had jobs or a limit), sorted by id. O(servers): one
+    /// pipeline/script, no backlog scan.
+    pub async fn server_stats(&self) -> Result<Vec<ServerQueueStats>> {
+        let rows: Vec<ServerStatsRow> = self
+            .scripts
+            .server_stats
+            .arg(&self.config.prefix)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let mut stats = rows
+            .into_iter()
+            .map(
+                |(server, ready, delayed, running, dead, limit, breaker, paused)| {
+                    Ok(ServerQueueStats {
+                        server: ServerId(server),
+                        ready,
+                        delayed,
+                        running,
+                        dead,
+                        limit: u32::try_from(limit).ok(),
+                        breaker: match breaker {
+                            0 => Breaker::Closed,
+                            1 => Breaker::Open,
+                            2 => Breaker::Probing,
+                            other => {
+                                return Err(Error::Reply(format!("server_stats: breaker {other}")));
+                            }
+                        },
+                        paused: paused == 1,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>>>()?;
+        stats.sort_by_key(|s| s.server);
+        Ok(stats)
     }
 
     /// The newest `limit` dead-lettered jobs, newest first.

@@ -16,6 +16,7 @@ pub(crate) struct Scripts {
     pub probe_result: Script,
     pub trim_dead: Script,
     pub discard: Script,
+    pub server_stats: Script,
 }
 
 macro_rules! script {
@@ -44,6 +45,7 @@ impl Scripts {
             probe_result: script!("probe_result.lua"),
             trim_dead: script!("trim_dead.lua"),
             discard: script!("discard.lua"),
+            server_stats: script!("server_stats.lua"),
         })
     }
 }

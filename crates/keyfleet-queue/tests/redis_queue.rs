@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use keyfleet_core::{JobKind, JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{
-    BreakerEvent, Claim, ClaimedJob, Enqueued, FENCE_EPOCH_SHIFT, Finish, FinishResult, JobId,
-    Lane, ProbeOutcome, Queue, QueueConfig, ReplayOutcome,
+    Breaker, BreakerEvent, Claim, ClaimedJob, Enqueued, FENCE_EPOCH_SHIFT, Finish, FinishResult,
+    JobId, Lane, ProbeOutcome, Queue, QueueConfig, ReplayOutcome, ServerQueueStats,
 };
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
 
 fn config() -> QueueConfig {
     QueueConfig::new(format!("kftest:{}", uuid::Uuid::new_v4().simple()))
@@ -15,8 +19,7 @@ fn config() -> QueueConfig {
 
 /// A queue under a fresh prefix, initialised at fence epoch 1.
 async fn connect(config: QueueConfig) -> Queue {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let q = Queue::connect(&url, config).unwrap();
+    let q = Queue::connect(&redis_url(), config).unwrap();
     assert!(
         q.initialize(1).await.unwrap(),
         "a new prefix starts uninitialised"
@@ -529,7 +532,7 @@ async fn dead_jobs_are_listed_with_their_reason_and_can_be_replayed() {
 
 #[tokio::test]
 async fn jobs_queued_by_a_version_without_ready_counts_stay_claimable() {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = redis_url();
     let q = Queue::connect(&url, config()).unwrap();
     q.set_limits(&[(ServerId(1), 4)]).await.unwrap();
     q.enqueue(&create(1, "old")).await.unwrap();
@@ -705,4 +708,238 @@ async fn settings_that_lose_work_are_named_at_start_up() {
     );
     drop(right);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A plain connection, to read what the scripts left in Redis.
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn cmd<T: redis::FromRedisValue>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    args: &[&str],
+) -> T {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(conn).await.unwrap()
+}
+
+/// The servers of the jobs in a set or list, by reading each job's hash (`state`: only jobs in it).
+async fn servers_of(
+    conn: &mut redis::aio::MultiplexedConnection,
+    q: &Queue,
+    ids: Vec<String>,
+    state: Option<&str>,
+) -> Vec<i64> {
+    let mut out = vec![];
+    for id in ids {
+        let (server, st): (Option<i64>, Option<String>) = cmd(
+            conn,
+            &["HMGET", &key(q, &format!("job:{id}")), "server", "state"],
+        )
+        .await;
+        if let Some(server) = server
+            && (state.is_none() || st.as_deref() == state)
+        {
+            out.push(server);
+        }
+    }
+    out
+}
+
+async fn zset_servers(
+    conn: &mut redis::aio::MultiplexedConnection,
+    q: &Queue,
+    name: &str,
+    state: Option<&str>,
+) -> Vec<i64> {
+    let ids = cmd(conn, &["ZRANGE", &key(q, name), "0", "-1"]).await;
+    servers_of(conn, q, ids, state).await
+}
+
+fn key(q: &Queue, suffix: &str) -> String {
+    format!("{}:{suffix}", q.config().prefix)
+}
+
+/// `server_stats()` worked out the slow way: every ready list, the delayed, dead and lease sets
+/// read whole and each job's hash looked up.
+async fn stats_read_directly(q: &Queue) -> Vec<ServerQueueStats> {
+    let mut conn = raw().await;
+    let mut servers: Vec<i64> = cmd(&mut conn, &["SMEMBERS", &key(q, "servers")]).await;
+    servers.extend(cmd::<Vec<i64>>(&mut conn, &["HKEYS", &key(q, "limits")]).await);
+    servers.extend(cmd::<Vec<i64>>(&mut conn, &["SMEMBERS", &key(q, "held")]).await);
+    servers.sort();
+    servers.dedup();
+    let delayed = zset_servers(&mut conn, q, "delayed", None).await;
+    let dead = zset_servers(&mut conn, q, "dead", None).await;
+    let leased = zset_servers(&mut conn, q, "leases", Some("running")).await;
+    let mut out = vec![];
+    for s in servers {
+        let mut ready = 0;
+        for lane in ["urgent", "ready"] {
+            let ids: Vec<String> = cmd(
+                &mut conn,
+                &["LRANGE", &key(q, &format!("{lane}:{s}")), "0", "-1"],
+            )
+            .await;
+            ready += servers_of(&mut conn, q, ids, Some("ready")).await.len() as u64;
+        }
+        let n = |v: &[i64]| v.iter().filter(|x| **x == s).count() as u64;
+        let id = s.to_string();
+        let probing: Option<f64> = cmd(&mut conn, &["ZSCORE", &key(q, "probing"), &id]).await;
+        let open: Option<f64> = cmd(&mut conn, &["ZSCORE", &key(q, "paused"), &id]).await;
+        let limit: Option<u32> = cmd(&mut conn, &["HGET", &key(q, "limits"), &id]).await;
+        let held: bool = cmd(&mut conn, &["SISMEMBER", &key(q, "held"), &id]).await;
+        out.push(ServerQueueStats {
+            server: ServerId(s),
+            ready,
+            delayed: n(&delayed),
+            running: n(&leased) + u64::from(probing.is_some()),
+            dead: n(&dead),
+            limit,
+            breaker: match (probing, open) {
+                (Some(_), _) => Breaker::Probing,
+                (None, Some(_)) => Breaker::Open,
+                (None, None) => Breaker::Closed,
+            },
+            paused: held,
+        });
+    }
+    out
+}
+
+/// Asserts the exact per-server counts match Redis's sets and lists, and returns them.
+async fn assert_server_stats(q: &Queue, step: &str) -> Vec<ServerQueueStats> {
+    let stats = q.server_stats().await.unwrap();
+    assert_eq!(stats, stats_read_directly(q).await, "after {step}");
+    stats
+}
+
+/// Claims everything claimable and keeps the jobs in `wanted`, giving the others back unstarted.
+async fn take(q: &Queue, wanted: &[JobId]) -> Vec<ClaimedJob> {
+    let mut kept = vec![];
+    let mut others = vec![];
+    while let Some(job) = claim(q).await {
+        if wanted.contains(&job.id) {
+            kept.push(job);
+        } else {
+            others.push(job);
+        }
+    }
+    for job in others.iter().rev() {
+        finish(q, job, &Finish::Release).await;
+    }
+    assert_eq!(
+        kept.len(),
+        wanted.len(),
+        "not all of {wanted:?} were claimable"
+    );
+    kept
+}
+
+fn traffic(server: i64) -> JobPayload {
+    JobPayload::CollectTraffic {
+        server: ServerId(server),
+    }
+}
+
+#[tokio::test]
+async fn per_server_counts_stay_exact_through_every_transition() {
+    let mut config = config();
+    config.lease = Duration::from_millis(150);
+    config.dead_max_count = Some(2);
+    let q = connect(config).await;
+    q.set_limits(&[(ServerId(1), 3), (ServerId(2), 2), (ServerId(3), 1)])
+        .await
+        .unwrap();
+    let known = assert_server_stats(&q, "limits only").await;
+    assert_eq!(known.len(), 3, "a limit makes a server known: {known:?}");
+    let a = q.enqueue(&create(1, "a")).await.unwrap().id;
+    let b = q.enqueue(&create(1, "b")).await.unwrap().id;
+    let c = q.enqueue_in(Lane::Urgent, &traffic(2)).await.unwrap().id;
+    let stats = assert_server_stats(&q, "enqueues").await;
+    assert_eq!((stats[0].ready, stats[1].ready), (2, 1));
+
+    let retry = |ms| Finish::Retry {
+        delay: Duration::from_millis(ms),
+        error: "503".into(),
+        server_fault: false,
+    };
+    let [job] = take(&q, &[a]).await.try_into().unwrap();
+    assert_server_stats(&q, "a claim").await;
+    finish(&q, &job, &retry(0)).await;
+    assert_eq!(assert_server_stats(&q, "a retry").await[0].delayed, 1);
+    // The next claim promotes the due retry (and takes it).
+    let [job] = take(&q, &[a]).await.try_into().unwrap();
+    assert_eq!(assert_server_stats(&q, "promotion").await[0].delayed, 0);
+    finish(&q, &job, &retry(60_000)).await;
+    assert_eq!(assert_server_stats(&q, "a long retry").await[0].delayed, 1);
+    assert_eq!(q.cancel(&[create(1, "a")]).await.unwrap(), 1);
+    assert_eq!(assert_server_stats(&q, "cancelling it").await[0].delayed, 0);
+
+    let dead = Finish::Dead {
+        error: "401".into(),
+        server_fault: false,
+    };
+    let [job] = take(&q, &[b]).await.try_into().unwrap();
+    finish(&q, &job, &dead).await;
+    assert_eq!(assert_server_stats(&q, "a dead finish").await[0].dead, 1);
+
+    // The reaper takes c back twice, then dead-letters it on its third lost lease.
+    for attempt in 1..=JobKind::CollectTraffic.max_attempts() {
+        take(&q, &[c]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (n, buried) = q.reap_expired(100).await.unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(buried.len(), usize::from(attempt == 3));
+        assert_server_stats(&q, &format!("reaping attempt {attempt}")).await;
+    }
+    assert_eq!(q.server_stats().await.unwrap()[1].dead, 1);
+
+    assert_eq!(
+        q.replay(&[b]).await.unwrap(),
+        vec![(b, ReplayOutcome::Replayed)]
+    );
+    let stats = assert_server_stats(&q, "a replay").await;
+    assert_eq!((stats[0].dead, stats[0].ready), (0, 1));
+    q.enqueue(&traffic(2)).await.unwrap();
+    assert_eq!(
+        q.replay(&[c]).await.unwrap(),
+        vec![(c, ReplayOutcome::Superseded)]
+    );
+    assert_eq!(
+        assert_server_stats(&q, "a superseded replay").await[1].dead,
+        0
+    );
+
+    let mut buried = vec![];
+    for (server, sub) in [(1, "d1"), (3, "d2"), (3, "d3"), (1, "d4")] {
+        let id = q.enqueue(&create(server, sub)).await.unwrap().id;
+        let [job] = take(&q, &[id]).await.try_into().unwrap();
+        finish(&q, &job, &dead).await;
+        buried.push(id);
+    }
+    assert_eq!(q.discard(&[buried[3]]).await.unwrap(), vec![buried[3]]);
+    assert_server_stats(&q, "a discard").await;
+    assert_eq!(q.trim_dead().await.unwrap(), 1, "three dead, two kept");
+    let stats = assert_server_stats(&q, "trimming").await;
+    assert_eq!((stats[0].dead, stats[2].dead), (0, 2));
+
+    // A Redis initialised over data the counts do not match (an older version's, or a restore)
+    // recounts them.
+    let [job] = take(&q, &[b]).await.try_into().unwrap();
+    finish(&q, &job, &retry(60_000)).await;
+    let mut conn = raw().await;
+    let _: () = cmd(&mut conn, &["DEL", &key(&q, "ndelayed"), &key(&q, "epoch")]).await;
+    let _: () = cmd(&mut conn, &["HSET", &key(&q, "ndead"), "1", "7", "3", "0"]).await;
+    assert!(q.initialize(2).await.unwrap());
+    let stats = assert_server_stats(&q, "initialising").await;
+    assert_eq!((stats[0].delayed, stats[0].dead, stats[2].dead), (1, 0, 2));
+    cleanup(q).await;
 }

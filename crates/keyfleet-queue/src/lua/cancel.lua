@@ -11,14 +11,13 @@ for i = 2, #ARGV do
     local job = jobkey(id)
     local state = redis.call('HGET', job, 'state')
     if state == 'ready' or state == 'delayed' or state == 'waiting' then
+      local s = redis.call('HGET', job, 'server')
       if state == 'ready' then
-        local s = redis.call('HGET', job, 'server')
-        if redis.call('HINCRBY', P .. ':nready', s, -1) < 0 then
-          redis.call('HSET', P .. ':nready', s, 0)
-        end
+        decrement('nready', s)
         refresh(s, now_ms())
+      elseif redis.call('ZREM', P .. ':delayed', id) == 1 then
+        decrement('ndelayed', s)
       end
-      redis.call('ZREM', P .. ':delayed', id)
       redis.call('DEL', job, key)
       n = n + 1
     end

@@ -17,6 +17,9 @@
 --   P:failures     hash server -> consecutive transient failures;  P:cooldown  hash server -> ms
 --   P:leases       zset id -> lease deadline (ms);  P:delayed  zset id -> due (ms)
 --   P:dead         zset id -> dead-lettered at (ms);  P:idem:<key>  -> live job id
+--   P:ndelayed, P:ndead  hash server -> jobs of s in P:delayed, P:dead (exact: every script that
+--                  moves a job into or out of either set keeps them; init recounts them)
+--   P:held         set of servers an operator paused: nothing is claimed from them, probes included
 local P = ARGV[1]
 
 -- Under a steady stream of purchases, a server's normal lane (sweeps, config syncs) still gets one
@@ -30,6 +33,14 @@ end
 
 local function jobkey(id)
   return P .. ':job:' .. id
+end
+
+-- Takes one off server s's count in hash P:<name> (nready, ndelayed, ndead, inflight), never
+-- below zero.
+local function decrement(name, s)
+  if redis.call('HINCRBY', P .. ':' .. name, s, -1) < 0 then
+    redis.call('HSET', P .. ':' .. name, s, 0)
+  end
 end
 
 local function is_open(s)
@@ -121,9 +132,7 @@ local function pop_ready(s)
       else
         redis.call('HDEL', P .. ':streak', s)
       end
-      if redis.call('HINCRBY', P .. ':nready', s, -1) < 0 then
-        redis.call('HSET', P .. ':nready', s, 0)
-      end
+      decrement('nready', s)
       return id
     end
     drained = drained and empty
@@ -135,9 +144,7 @@ local function pop_ready(s)
 end
 
 local function release_slot(s)
-  if redis.call('HINCRBY', P .. ':inflight', s, -1) < 0 then
-    redis.call('HSET', P .. ':inflight', s, 0)
-  end
+  decrement('inflight', s)
 end
 
 -- Takes job id's per-key lock. False when another running job holds it: the job is parked in the
@@ -186,9 +193,23 @@ local function forget_idempotency(id)
 end
 
 local function bury(id, reason, now)
-  redis.call('HSET', jobkey(id), 'state', 'dead', 'error', reason, 'dead_at', now)
+  local job = jobkey(id)
+  redis.call('HSET', job, 'state', 'dead', 'error', reason, 'dead_at', now)
   redis.call('ZADD', P .. ':dead', now, id)
+  redis.call('HINCRBY', P .. ':ndead', redis.call('HGET', job, 'server'), 1)
   forget_idempotency(id)
+end
+
+-- Takes job id out of the dead set (its hash stays). Returns false when it was not dead.
+local function unbury(id)
+  if redis.call('ZREM', P .. ':dead', id) == 0 then
+    return false
+  end
+  local s = redis.call('HGET', jobkey(id), 'server')
+  if s then
+    decrement('ndead', s)
+  end
+  return true
 end
 
 local function promote_due(now, limit)
@@ -197,6 +218,7 @@ local function promote_due(now, limit)
     redis.call('ZREM', P .. ':delayed', id)
     local s = redis.call('HGET', jobkey(id), 'server')
     if s then
+      decrement('ndelayed', s)
       make_ready(id, s, false, now)
     end
   end

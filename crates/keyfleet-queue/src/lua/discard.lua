@@ -2,7 +2,7 @@
 -- Deletes dead jobs for good. Returns one code per id: 1 discarded, 0 not in the dead set.
 local out = {}
 for i = 2, #ARGV do
-  if redis.call('ZREM', P .. ':dead', ARGV[i]) == 1 then
+  if unbury(ARGV[i]) then
     redis.call('DEL', jobkey(ARGV[i]))
     table.insert(out, 1)
   else

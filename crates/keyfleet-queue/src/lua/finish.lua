@@ -35,6 +35,7 @@ elseif outcome == 'retry' then
   else
     redis.call('HSET', job, 'state', 'delayed', 'error', ARGV[6])
     redis.call('ZADD', P .. ':delayed', now + tonumber(ARGV[5]), id)
+    redis.call('HINCRBY', P .. ':ndelayed', s, 1)
   end
 elseif outcome == 'dead' then
   bury(id, ARGV[6], now)

@@ -17,4 +17,19 @@ for _, s in ipairs(redis.call('SMEMBERS', P .. ':servers')) do
     end
   end
 end
+-- The per-server delayed and dead counts are recounted from their sets, whatever an earlier version
+-- (or a script before this initialisation) left in them. O(delayed + dead), once per data loss.
+for _, set in ipairs({'delayed', 'dead'}) do
+  local counts = {}
+  for _, id in ipairs(redis.call('ZRANGE', P .. ':' .. set, 0, -1)) do
+    local s = redis.call('HGET', jobkey(id), 'server')
+    if s then
+      counts[s] = (counts[s] or 0) + 1
+    end
+  end
+  redis.call('DEL', P .. ':n' .. set)
+  for s, n in pairs(counts) do
+    redis.call('HSET', P .. ':n' .. set, s, n)
+  end
+end
 return 1

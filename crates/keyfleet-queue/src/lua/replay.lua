@@ -7,7 +7,7 @@ local out = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
   local job = jobkey(id)
-  if redis.call('ZREM', P .. ':dead', id) == 0 then
+  if not unbury(id) then
     table.insert(out, 0)
   else
     local idem = redis.call('HGET', job, 'idem')

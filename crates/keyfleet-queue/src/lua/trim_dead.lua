@@ -4,7 +4,7 @@ local n = 0
 local batch = tonumber(ARGV[4])
 local function drop(ids)
   for _, id in ipairs(ids) do
-    redis.call('ZREM', P .. ':dead', id)
+    unbury(id)
     redis.call('DEL', jobkey(id))
     n = n + 1
   end
