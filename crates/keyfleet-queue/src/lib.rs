@@ -758,8 +758,8 @@ impl Queue {
         })
     }
 
-    /// Every server the queue knows (has ever had jobs or a limit), sorted by id. O(servers): one
-    /// pipeline/script, no backlog scan.
+    /// Every server the queue knows (has ever had jobs or a limit, or is paused), sorted by id.
+    /// O(servers): one script, no backlog scan.
     pub async fn server_stats(&self) -> Result<Vec<ServerQueueStats>> {
         let rows: Vec<ServerStatsRow> = self
             .scripts
@@ -793,6 +793,40 @@ impl Queue {
             .collect::<Result<Vec<_>>>()?;
         stats.sort_by_key(|s| s.server);
         Ok(stats)
+    }
+
+    /// Stops claims from this server (running jobs finish; no health probe is handed out) until
+    /// `resume_server`. Returns false if it was already paused.
+    pub async fn pause_server(&self, server: ServerId) -> Result<bool> {
+        self.hold(server, true).await
+    }
+
+    /// Returns false if it was not paused. Makes the server claimable again at once (ring +
+    /// wake-up); if its breaker is open, its health probe is due at once.
+    pub async fn resume_server(&self, server: ServerId) -> Result<bool> {
+        self.hold(server, false).await
+    }
+
+    async fn hold(&self, server: ServerId, pause: bool) -> Result<bool> {
+        let changed: i64 = self
+            .scripts
+            .hold
+            .arg(&self.config.prefix)
+            .arg(server.0)
+            .arg(u8::from(pause))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Servers paused by an operator.
+    pub async fn paused_servers(&self) -> Result<Vec<ServerId>> {
+        let mut held: Vec<i64> = redis::cmd("SMEMBERS")
+            .arg(self.key("held"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        held.sort_unstable();
+        Ok(held.into_iter().map(ServerId).collect())
     }
 
     /// The newest `limit` dead-lettered jobs, newest first.

@@ -17,6 +17,7 @@ pub(crate) struct Scripts {
     pub trim_dead: Script,
     pub discard: Script,
     pub server_stats: Script,
+    pub hold: Script,
 }
 
 macro_rules! script {
@@ -46,6 +47,7 @@ impl Scripts {
             trim_dead: script!("trim_dead.lua"),
             discard: script!("discard.lua"),
             server_stats: script!("server_stats.lua"),
+            hold: script!("hold.lua"),
         })
     }
 }

@@ -943,3 +943,121 @@ async fn per_server_counts_stay_exact_through_every_transition() {
     assert_eq!((stats[0].delayed, stats[0].dead, stats[2].dead), (1, 0, 2));
     cleanup(q).await;
 }
+
+#[tokio::test]
+async fn a_paused_server_hands_out_nothing_until_resumed_and_keeps_its_limit() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 2), (ServerId(2), 1)])
+        .await
+        .unwrap();
+    q.enqueue(&create(1, "running")).await.unwrap();
+    let running = claim(&q).await.unwrap();
+    assert!(q.pause_server(ServerId(1)).await.unwrap());
+    assert!(
+        !q.pause_server(ServerId(1)).await.unwrap(),
+        "already paused"
+    );
+    assert_eq!(q.paused_servers().await.unwrap(), vec![ServerId(1)]);
+    for i in 0..4 {
+        q.enqueue(&create(1, &format!("p{i}"))).await.unwrap();
+        q.enqueue(&create(2, &format!("o{i}"))).await.unwrap();
+    }
+    let stats = assert_server_stats(&q, "pausing").await;
+    assert_eq!(
+        (stats[0].ready, stats[0].paused),
+        (4, true),
+        "enqueues still queue"
+    );
+    // Only server 2's jobs are claimed, one at a time (its limit), while server 1 is paused; the
+    // job server 1 was running finishes as usual, and frees no slot to claim.
+    let other = claim(&q).await.unwrap();
+    assert_eq!(other.server, ServerId(2));
+    assert!(claim(&q).await.is_none());
+    assert_eq!(
+        finish(&q, &running, &Finish::Done).await,
+        FinishResult::Applied
+    );
+    finish(&q, &other, &Finish::Done).await;
+    let other = claim(&q).await.unwrap();
+    assert_eq!(other.server, ServerId(2));
+    assert!(claim(&q).await.is_none(), "server 1 stays paused");
+
+    let wake = keyfleet_queue::WakeSignal::spawn(&q);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while wake.generation() == 0 {
+        assert!(std::time::Instant::now() < deadline, "never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = wake.generation();
+    assert!(q.resume_server(ServerId(1)).await.unwrap());
+    assert!(!q.resume_server(ServerId(1)).await.unwrap(), "not paused");
+    tokio::time::timeout(Duration::from_secs(2), wake.clone().changed_since(seen))
+        .await
+        .expect("resuming wakes idle workers");
+    assert!(q.paused_servers().await.unwrap().is_empty());
+    // Claimable at once, up to its limit of 2.
+    let back: Vec<ClaimedJob> = [claim(&q).await, claim(&q).await, claim(&q).await]
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(back.len(), 2, "{back:?}");
+    assert!(back.iter().all(|j| j.server == ServerId(1)));
+    assert_eq!(
+        assert_server_stats(&q, "resuming").await[0].running,
+        2,
+        "at its limit"
+    );
+    // Round-robin over servers as before: with slots free on both, claims alternate.
+    finish(&q, &other, &Finish::Done).await;
+    for job in &back {
+        finish(&q, job, &Finish::Done).await;
+    }
+    q.set_limits(&[(ServerId(1), 5), (ServerId(2), 5)])
+        .await
+        .unwrap();
+    let mut servers = vec![];
+    while let Some(job) = claim(&q).await {
+        servers.push(job.server.0);
+    }
+    assert_eq!(servers.len(), 4, "two jobs left on each: {servers:?}");
+    assert!(servers.windows(2).all(|w| w[0] != w[1]), "{servers:?}");
+    cleanup(q).await;
+}
+
+#[tokio::test]
+async fn a_paused_server_gets_no_health_probe_until_resumed() {
+    let mut config = config();
+    config.breaker_threshold = 1;
+    config.breaker_cooldown = Duration::from_millis(100);
+    let q = connect(config).await;
+    q.enqueue(&create(1, "b")).await.unwrap();
+    let job = claim(&q).await.unwrap();
+    assert!(q.pause_server(ServerId(1)).await.unwrap());
+    // The breaker opens while the server is paused.
+    let fail = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "503".into(),
+        server_fault: true,
+    };
+    assert_eq!(q.finish(&job, &fail).await.unwrap().1, BreakerEvent::Opened);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..3 {
+        assert!(
+            matches!(q.claim("w").await.unwrap(), Claim::Empty { .. }),
+            "no probe for a paused server whose cool-down ended"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let stats = assert_server_stats(&q, "a paused open breaker").await;
+    assert_eq!((stats[0].breaker, stats[0].paused), (Breaker::Open, true));
+    assert!(q.resume_server(ServerId(1)).await.unwrap());
+    assert!(
+        matches!(q.claim("w").await.unwrap(), Claim::Probe(ServerId(1))),
+        "the probe is due as soon as the server is resumed"
+    );
+    assert_eq!(
+        assert_server_stats(&q, "the probe").await[0].breaker,
+        Breaker::Probing
+    );
+    cleanup(q).await;
+}

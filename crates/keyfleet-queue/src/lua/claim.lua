@@ -1,10 +1,10 @@
 -- ARGV: prefix, worker id, lease ms, probe lease ms
 -- Takes the next job of the server at the head of the ring (round-robin over servers that have
--- work, a free slot and a closed breaker). Returns {id, payload, attempt, max, fence, server,
--- enqueued_at, tries}; {'?', server} when that server's breaker is due a health probe (the probe
--- holds one of its slots until reported); {'!', 0} when Redis holds no fence epoch (it lost
--- keyfleet's state, or is new: nothing may be claimed before fences are raised past Postgres);
--- or {'', ms until the next delayed job or probe is due (-1: none)}.
+-- work, a free slot, a closed breaker and no operator's pause). Returns {id, payload, attempt,
+-- max, fence, server, enqueued_at, tries}; {'?', server} when that server's breaker is due a
+-- health probe (the probe holds one of its slots until reported); {'!', 0} when Redis holds no
+-- fence epoch (it lost keyfleet's state, or is new: nothing may be claimed before fences are
+-- raised past Postgres); or {'', ms until the next delayed job or probe is due (-1: none)}.
 if redis.call('EXISTS', P .. ':epoch') == 0 then
   return {'!', 0}
 end
@@ -13,7 +13,11 @@ promote_due(now, 100)
 local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
 for _, s in ipairs(due) do
   local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
-  if tonumber(redis.call('HGET', P .. ':inflight', s) or '0') < limit then
+  if is_held(s) then
+    -- No probe while an operator holds the server: look again after a cool-down (resuming makes
+    -- it due at once), so held servers do not crowd the due ones out of this window.
+    redis.call('ZADD', P .. ':paused', now + tonumber(redis.call('HGET', P .. ':cooldown', s) or '1000'), s)
+  elseif tonumber(redis.call('HGET', P .. ':inflight', s) or '0') < limit then
     redis.call('ZREM', P .. ':paused', s)
     redis.call('ZADD', P .. ':probing', now + tonumber(ARGV[4]), s)
     redis.call('HINCRBY', P .. ':inflight', s, 1)

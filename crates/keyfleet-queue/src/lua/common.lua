@@ -47,15 +47,19 @@ local function is_open(s)
   return redis.call('ZSCORE', P .. ':paused', s) or redis.call('ZSCORE', P .. ':probing', s)
 end
 
+local function is_held(s)
+  return redis.call('SISMEMBER', P .. ':held', s) == 1
+end
+
 -- Keeps the ring invariant for server s: s is in the ring iff it has ready jobs, is below its
--- limit and its breaker is closed. Returns true when s was added, i.e. an idle claimer may want
--- to know.
+-- limit, its breaker is closed and no operator paused it. Returns true when s was added, i.e. an
+-- idle claimer may want to know.
 local function refresh(s, now)
   local eligible = tonumber(redis.call('HGET', P .. ':nready', s) or '0') > 0
   if eligible then
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
     local inflight = tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
-    eligible = inflight < limit and not is_open(s)
+    eligible = inflight < limit and not is_open(s) and not is_held(s)
   end
   local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
   if eligible and not member then
