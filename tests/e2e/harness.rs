@@ -529,6 +529,7 @@ pub mod sweeping {
     pub struct LoggedProcess {
         child: Option<Child>,
         log: PathBuf,
+        stdout: PathBuf,
     }
 
     /// `keyfleet <args>` with the environment's database, Redis and prefix, `RUST_LOG=info` and
@@ -543,6 +544,8 @@ pub mod sweeping {
             uuid::Uuid::new_v4().simple()
         ));
         let file = std::fs::File::create(&log).unwrap();
+        let stdout = log.with_extension("out");
+        let stdout_file = std::fs::File::create(&stdout).unwrap();
         let mut cmd = env.keyfleet();
         // For measurements only: run workers from another build (e.g. target/release/keyfleet).
         if let (Some(&"worker"), Ok(bin)) = (args.first(), std::env::var("KEYFLEET_E2E_WORKER_BIN"))
@@ -558,7 +561,7 @@ pub mod sweeping {
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env("KEYFLEET_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(stdout_file))
             .stderr(Stdio::from(file));
         for (k, v) in extra_env {
             cmd.env(k, v);
@@ -566,6 +569,7 @@ pub mod sweeping {
         LoggedProcess {
             child: Some(cmd.spawn().expect("keyfleet starts")),
             log,
+            stdout,
         }
     }
 
@@ -609,6 +613,24 @@ pub mod sweeping {
                 .collect()
         }
 
+        /// Waits for the line of stdout that starts with `prefix` (e.g. the address a listener
+        /// bound) and returns the rest of it.
+        pub fn await_stdout_line(&mut self, prefix: &str, within: Duration) -> String {
+            let deadline = Instant::now() + within;
+            loop {
+                let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+                if let Some(line) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
+                    return line.trim().to_owned();
+                }
+                assert!(
+                    self.is_running() && Instant::now() < deadline,
+                    "no stdout line starting {prefix:?}; stdout: {out}\nlog:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+
         /// Whether it has not exited.
         pub fn is_running(&mut self) -> bool {
             self.child
@@ -645,6 +667,7 @@ pub mod sweeping {
             // Kept when the test fails, for a look at the whole log.
             if !std::thread::panicking() {
                 let _ = std::fs::remove_file(&self.log);
+                let _ = std::fs::remove_file(&self.stdout);
             }
         }
     }

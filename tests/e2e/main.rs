@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `keyfleet` binary against real Postgres and Redis and the project's
 //! fake VPN fleet. Each test gets its own database and Redis key prefix.
 
+mod api;
 mod cli;
 mod guarantees;
 mod harness;

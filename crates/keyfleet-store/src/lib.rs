@@ -9,6 +9,7 @@ mod keys;
 mod servers;
 mod subscriptions;
 mod sweeps;
+mod tokens;
 mod writeback;
 
 use std::time::Duration;
@@ -20,9 +21,10 @@ use sqlx::{
 
 pub use intent::DeleteIntent;
 pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount, WriteOutcome};
-pub use servers::{NewServer, Server};
-pub use subscriptions::ProvisionPlan;
+pub use servers::{NewServer, Server, ServerChange};
+pub use subscriptions::{KeyDetail, ProvisionPlan, StoredReceipt, SubscriptionKeys};
 pub use sweeps::{StoredKey, TrafficKind, TrafficOutcome};
+pub use tokens::{ApiToken, TokenOwner};
 pub use writeback::{Contributors, WriteBack, WriteBackConfig};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -41,6 +43,8 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     Rejected(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("write-back is shut down")]
     WriteBackClosed,
     #[error("Postgres error: {0}")]

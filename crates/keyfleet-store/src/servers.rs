@@ -28,6 +28,21 @@ pub struct Server {
     pub max_in_flight: i32,
     pub active: bool,
     pub config_generation: i64,
+    /// Paused by an operator: no job of it is claimed until resumed.
+    pub paused: bool,
+    /// Grows with every change of the row: workers rebuild the server's client when it moves.
+    pub revision: i64,
+}
+
+/// A change to a server's settings; `None` leaves a field as it is. Validated by the caller and
+/// again by the schema's checks.
+#[derive(Debug, Clone, Default)]
+pub struct ServerChange {
+    pub max_in_flight: Option<i32>,
+    pub active: Option<bool>,
+    pub api_url: Option<String>,
+    pub api_key: Option<String>,
+    pub cert_sha256: Option<String>,
 }
 
 impl std::fmt::Debug for Server {
@@ -43,8 +58,7 @@ impl std::fmt::Debug for Server {
     }
 }
 
-const SERVER_COLUMNS: &str =
-    "id, name, kind, api_url, api_key, cert_sha256, max_in_flight, active, config_generation";
+const SERVER_COLUMNS: &str = "id, name, kind, api_url, api_key, cert_sha256, max_in_flight, active, config_generation, paused, revision";
 
 fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
     let kind: String = row.try_get("kind")?;
@@ -60,6 +74,8 @@ fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
         max_in_flight: row.try_get("max_in_flight")?,
         active: row.try_get("active")?,
         config_generation: row.try_get("config_generation")?,
+        paused: row.try_get("paused")?,
+        revision: row.try_get("revision")?,
     })
 }
 
@@ -124,5 +140,57 @@ impl Store {
             Some(row) => server_from_row(&row),
             None => Err(Error::NotFound(format!("no server named {name:?}"))),
         }
+    }
+
+    /// Applies a change in one statement, bumping the revision; `NotFound` for an unknown name.
+    pub async fn update_server(&self, name: &str, change: &ServerChange) -> Result<Server> {
+        let row = sqlx::query(&format!(
+            "UPDATE servers SET
+                 max_in_flight = COALESCE($2, max_in_flight),
+                 active = COALESCE($3, active),
+                 api_url = COALESCE($4, api_url),
+                 api_key = COALESCE($5, api_key),
+                 cert_sha256 = COALESCE($6, cert_sha256),
+                 revision = revision + 1
+             WHERE name = $1 RETURNING {SERVER_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(change.max_in_flight)
+        .bind(change.active)
+        .bind(&change.api_url)
+        .bind(&change.api_key)
+        .bind(&change.cert_sha256)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| constraint_error(e, &format!("the change to server {name:?}")))?;
+        match row {
+            Some(row) => server_from_row(&row),
+            None => Err(Error::NotFound(format!("no server named {name:?}"))),
+        }
+    }
+
+    /// Records an operator's pause or resume; `NotFound` for an unknown name.
+    pub async fn set_server_paused(&self, name: &str, paused: bool) -> Result<Server> {
+        let row = sqlx::query(&format!(
+            "UPDATE servers SET paused = $2 WHERE name = $1 RETURNING {SERVER_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(paused)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => server_from_row(&row),
+            None => Err(Error::NotFound(format!("no server named {name:?}"))),
+        }
+    }
+
+    /// Every server's revision, for workers to notice changed settings.
+    pub async fn server_revisions(&self) -> Result<Vec<(ServerId, i64)>> {
+        let rows = sqlx::query("SELECT id, revision FROM servers")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((ServerId(r.try_get("id")?), r.try_get("revision")?)))
+            .collect()
     }
 }

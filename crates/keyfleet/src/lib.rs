@@ -1,6 +1,7 @@
 //! keyfleet as a library: the producer (record intent, enqueue jobs), the worker (claim, execute,
 //! write back), settings and the embedded demo. The `keyfleet` binary is a thin CLI over this.
 
+pub mod api;
 pub mod demo;
 pub mod dlq;
 pub mod producer;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use keyfleet::{
-    demo, dlq,
+    api, demo, dlq,
     producer::Producer,
     recovery,
     schedule::Schedule,
@@ -101,8 +101,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the HTTP API (JSON under /v1, OpenAPI at /v1/openapi.json).
+    Api {
+        /// Address to listen on (port 0 picks a free one; the bound address is printed).
+        #[arg(long, env = "KEYFLEET_API_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+        /// Requests per second each token may make, and the burst above that.
+        #[arg(long, env = "KEYFLEET_API_RATE_PER_SEC", default_value_t = std::num::NonZeroU32::new(100).unwrap())]
+        rate_per_sec: std::num::NonZeroU32,
+        #[arg(long, env = "KEYFLEET_API_RATE_BURST", default_value_t = std::num::NonZeroU32::new(400).unwrap())]
+        rate_burst: std::num::NonZeroU32,
+        /// How long a provision receipt answers repeats of its Idempotency-Key.
+        #[arg(long, env = "KEYFLEET_IDEMPOTENCY_TTL_HOURS", default_value_t = 24)]
+        idempotency_ttl_hours: u64,
+    },
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run the whole system on an embedded fake fleet (10 V2Ray + 1 Outline) and print a summary.
     Demo(demo::DemoOptions),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once, as the last line of stdout (only its SHA-256 is kept).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        role: api::auth::Role,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every live token with this name (or this id).
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -210,7 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // default (Ctrl-C ends them).
     let long_running = matches!(
         cli.command,
-        Command::Worker { .. } | Command::Scheduler { .. }
+        Command::Worker { .. } | Command::Scheduler { .. } | Command::Api { .. }
     );
     let shutdown = long_running.then(shutdown_signal);
     let settings = Settings::from_env()?;
@@ -381,7 +416,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Api {
+            listen,
+            rate_per_sec,
+            rate_burst,
+            idempotency_ttl_hours,
+        } => {
+            anyhow::ensure!(
+                (1..=24 * 365).contains(&idempotency_ttl_hours),
+                "--idempotency-ttl-hours {idempotency_ttl_hours} is out of range: use 1..=8760"
+            );
+            let options = api::ApiOptions {
+                rate_per_second: rate_per_sec,
+                rate_burst,
+                receipt_ttl: std::time::Duration::from_secs(idempotency_ttl_hours * 3600),
+            };
+            api::serve(
+                settings,
+                options,
+                listen,
+                shutdown.expect("installed for the api"),
+            )
+            .await?;
+        }
+        Command::Token(command) => token_command(settings, command).await?,
         Command::Demo(options) => demo::run(settings, options).await?,
+    }
+    Ok(())
+}
+
+async fn token_command(settings: Settings, command: TokenCommand) -> anyhow::Result<()> {
+    let store = settings.store().await?;
+    match command {
+        TokenCommand::Create { name, role } => {
+            let (token, digest) = api::auth::new_token();
+            let created = store.create_token(&name, role.as_str(), &digest).await?;
+            println!(
+                "token {} (id {}, role {}) created; it is shown only now:",
+                created.name, created.id, created.role
+            );
+            println!("{token}");
+        }
+        TokenCommand::List { json } => {
+            let tokens = store.list_tokens().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!(
+                    "{:<6} {:<24} {:<9} {:<26} {:<26} revoked",
+                    "id", "name", "role", "created", "last used"
+                );
+                for t in tokens {
+                    let at = |t: Option<chrono::DateTime<Utc>>| {
+                        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                            .unwrap_or_default()
+                    };
+                    println!(
+                        "{:<6} {:<24} {:<9} {:<26} {:<26} {}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        at(Some(t.created_at)),
+                        at(t.last_used_at),
+                        at(t.revoked_at)
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            let n = store.revoke_token(&name).await?;
+            println!("revoked {n} token(s) named {name:?}");
+        }
     }
     Ok(())
 }

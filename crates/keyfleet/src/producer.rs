@@ -57,9 +57,20 @@ impl Producer {
         {
             anyhow::bail!("--expires-at {} is in the past", at.to_rfc3339());
         }
+        self.provision_by(subscription, expires_at, None).await
+    }
+
+    /// [`Producer::provision`] on behalf of a producer (an API token's name): a subscription
+    /// another producer owns is refused with nothing written (see `Store::record_provision_by`).
+    pub async fn provision_by(
+        &self,
+        subscription: &SubscriptionId,
+        expires_at: Option<DateTime<Utc>>,
+        producer: Option<&str>,
+    ) -> anyhow::Result<ProvisionReceipt> {
         let plan = self
             .store
-            .record_provision(subscription, expires_at)
+            .record_provision_by(subscription, expires_at, producer)
             .await?;
         let payloads: Vec<JobPayload> = plan
             .to_create

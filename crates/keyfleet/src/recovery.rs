@@ -13,7 +13,7 @@ use keyfleet_queue::{ClaimedJob, FENCE_EPOCH_SHIFT, Queue};
 use keyfleet_store::Store;
 use serde::Serialize;
 
-use crate::{producer::sync_limits, settings::Settings, worker::enqueue_tolerating_duplicates};
+use crate::{settings::Settings, worker::enqueue_tolerating_duplicates};
 
 /// What a recovery enqueued.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -107,7 +107,7 @@ async fn recover(
     epoch: i64,
 ) -> anyhow::Result<RecoveryReport> {
     let servers = store.list_servers().await?;
-    sync_limits(queue, &servers).await?;
+    crate::servers::apply_to_queue(queue, &servers).await?;
     let mut jobs = Vec::new();
     for server in servers.iter().filter(|s| s.active) {
         store.requeue_failed_keys(server.id).await?;

@@ -2,13 +2,29 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use keyfleet_core::{ServerId, ServerKind};
 use keyfleet_store::{NewServer, Server, Store};
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 use parking_lot::RwLock;
 
-/// Checks `server add` input and turns it into a row to insert; every error says which flag.
+/// Bad server input: which field, and what is wrong with it. The CLI shows the field as its flag
+/// (`--api-url`), the API as its JSON name (`api_url`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{}: {problem}", field.replace('_', "-"))]
+pub struct InvalidServer {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidServer {
+    InvalidServer {
+        field,
+        problem: problem.into(),
+    }
+}
+
+/// Checks `server add` input and turns it into a row to insert; every error names its field.
 pub fn validate_new_server(
     name: &str,
     kind: &str,
@@ -16,7 +32,7 @@ pub fn validate_new_server(
     api_key: Option<&str>,
     cert_sha256: Option<&str>,
     max_in_flight: u32,
-) -> anyhow::Result<NewServer> {
+) -> Result<NewServer, InvalidServer> {
     let valid_name = !name.is_empty()
         && name.len() <= 63
         && name
@@ -27,52 +43,96 @@ pub fn validate_new_server(
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !valid_name {
-        bail!(
-            "--name {name:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        );
+        return Err(invalid(
+            "name",
+            format!(
+                "{name:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            ),
+        ));
     }
-    let kind: ServerKind = kind.parse().map_err(|e| anyhow::anyhow!("--kind: {e}"))?;
-    let url = url::Url::parse(api_url)
-        .with_context(|| format!("--api-url {api_url:?} is not a valid URL"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        bail!("--api-url {api_url:?} must be an http:// or https:// URL with a host");
-    }
-    if !(1..=1000).contains(&max_in_flight) {
-        bail!("--max-in-flight {max_in_flight} is out of range: use 1..=1000");
-    }
+    let kind: ServerKind = kind
+        .parse()
+        .map_err(|e: keyfleet_core::InvalidValue| invalid("kind", e.to_string()))?;
+    let api_url = validate_api_url(kind, api_url)?;
+    validate_limit(max_in_flight)?;
     let (api_key, cert_sha256) = match kind {
         ServerKind::V2ray => {
             if cert_sha256.is_some() {
-                bail!("--cert-sha256 is for outline servers; a v2ray server takes --api-key");
+                return Err(invalid(
+                    "cert_sha256",
+                    "only for outline servers; a v2ray server takes an API key",
+                ));
             }
-            match api_key {
-                Some(key) if !key.trim().is_empty() => (Some(key.trim().to_owned()), None),
-                _ => bail!("--api-key is required for a v2ray server"),
-            }
+            let key = api_key.ok_or_else(|| invalid("api_key", "required for a v2ray server"))?;
+            (Some(validate_api_key(key)?), None)
         }
         ServerKind::Outline => {
             if api_key.is_some() {
-                bail!("--api-key is for v2ray servers; an outline server takes --cert-sha256");
+                return Err(invalid(
+                    "api_key",
+                    "only for v2ray servers; an outline server takes a certificate pin",
+                ));
             }
-            if url.scheme() != "https" {
-                bail!(
-                    "--api-url of an outline server must be https:// (its certificate is pinned)"
-                );
-            }
-            let raw = cert_sha256.context("--cert-sha256 is required for an outline server")?;
-            let pin = keyfleet_vpn::parse_cert_sha256(raw)
-                .map_err(|e| anyhow::anyhow!("--cert-sha256: {e}"))?;
-            (None, Some(hex_upper(&pin)))
+            let raw = cert_sha256
+                .ok_or_else(|| invalid("cert_sha256", "required for an outline server"))?;
+            (None, Some(validate_cert_sha256(raw)?))
         }
     };
     Ok(NewServer {
         name: name.to_owned(),
         kind,
-        api_url: url.to_string().trim_end_matches('/').to_owned(),
+        api_url,
         api_key,
         cert_sha256,
         max_in_flight: max_in_flight as i32,
     })
+}
+
+/// A server's API URL, normalised; Outline's must be https (its certificate is pinned). The URL
+/// itself is never quoted: Outline's carries its secret prefix.
+pub fn validate_api_url(kind: ServerKind, api_url: &str) -> Result<String, InvalidServer> {
+    let url = url::Url::parse(api_url)
+        .map_err(|e| invalid("api_url", format!("not a valid URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            "api_url",
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if kind == ServerKind::Outline && url.scheme() != "https" {
+        return Err(invalid(
+            "api_url",
+            "must be https:// for an outline server (its certificate is pinned)",
+        ));
+    }
+    Ok(url.to_string().trim_end_matches('/').to_owned())
+}
+
+pub fn validate_api_key(key: &str) -> Result<String, InvalidServer> {
+    let key = key.trim();
+    if key.is_empty() || key.len() > 512 || key.chars().any(|c| c.is_control()) {
+        return Err(invalid(
+            "api_key",
+            "must be 1-512 characters without control characters",
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+pub fn validate_cert_sha256(raw: &str) -> Result<String, InvalidServer> {
+    let pin =
+        keyfleet_vpn::parse_cert_sha256(raw).map_err(|e| invalid("cert_sha256", e.to_string()))?;
+    Ok(hex_upper(&pin))
+}
+
+pub fn validate_limit(max_in_flight: u32) -> Result<u32, InvalidServer> {
+    if !(1..=1000).contains(&max_in_flight) {
+        return Err(invalid(
+            "max_in_flight",
+            format!("{max_in_flight} is out of range: use 1..=1000"),
+        ));
+    }
+    Ok(max_in_flight)
 }
 
 fn hex_upper(bytes: &[u8]) -> String {
@@ -93,12 +153,13 @@ pub fn endpoint_of(server: &Server) -> anyhow::Result<ServerEndpoint> {
     })
 }
 
-/// One pooled client per server, built on first use from the server's row.
+/// One pooled client per server, built on first use from the server's row, and rebuilt when the
+/// row's revision moves (`refresh`).
 #[derive(Clone)]
 pub struct ServerClients {
     store: Store,
     config: ClientConfig,
-    clients: Arc<RwLock<HashMap<ServerId, VpnClient>>>,
+    clients: Arc<RwLock<HashMap<ServerId, (i64, VpnClient)>>>,
 }
 
 /// Why no client could be had for a server.
@@ -129,13 +190,51 @@ impl ServerClients {
             if let Ok(endpoint) = endpoint_of(server)
                 && let Ok(client) = VpnClient::new(&endpoint, &self.config)
             {
-                clients.insert(server.id, client);
+                clients.insert(server.id, (server.revision, client));
+            }
+        }
+    }
+
+    /// Drops the clients of servers whose settings changed (or that are gone): the next job
+    /// builds one from the new row. Returns how many were dropped.
+    pub fn forget_changed(&self, servers: &[Server]) -> usize {
+        let current: HashMap<ServerId, i64> = servers.iter().map(|s| (s.id, s.revision)).collect();
+        let mut clients = self.clients.write();
+        let before = clients.len();
+        clients.retain(|id, (revision, _)| current.get(id) == Some(revision));
+        before - clients.len()
+    }
+
+    /// Every `every`, re-reads the servers from Postgres: changed credentials or URLs rebuild
+    /// the server's client, and limits and operator pauses are pushed to the queue (so they
+    /// converge even if the call that changed them could not reach Redis).
+    pub async fn refresh_every(self, queue: keyfleet_queue::Queue, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let servers = match self.store.list_servers().await {
+                Ok(servers) => servers,
+                Err(e) => {
+                    tracing::debug!("refreshing the servers' settings: {e}");
+                    continue;
+                }
+            };
+            let dropped = self.forget_changed(&servers);
+            if dropped > 0 {
+                tracing::info!(
+                    servers = dropped,
+                    "Server settings changed; their clients are rebuilt."
+                );
+            }
+            if let Err(e) = apply_to_queue(&queue, &servers).await {
+                tracing::debug!("pushing server limits and pauses to Redis: {e}");
             }
         }
     }
 
     pub async fn get(&self, id: ServerId) -> Result<VpnClient, ClientError> {
-        if let Some(client) = self.clients.read().get(&id) {
+        if let Some((_, client)) = self.clients.read().get(&id) {
             return Ok(client.clone());
         }
         let server = match self.store.server(id).await {
@@ -150,9 +249,33 @@ impl ServerClients {
         let endpoint = endpoint_of(&server).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let client = VpnClient::new(&endpoint, &self.config)
             .map_err(|e| ClientError::Invalid(format!("server {:?}: {e}", server.name)))?;
-        self.clients.write().insert(id, client.clone());
+        self.clients
+            .write()
+            .insert(id, (server.revision, client.clone()));
         Ok(client)
     }
+}
+
+/// Makes the queue's limits and operator pauses what Postgres says.
+pub async fn apply_to_queue(
+    queue: &keyfleet_queue::Queue,
+    servers: &[Server],
+) -> anyhow::Result<()> {
+    crate::producer::sync_limits(queue, servers).await?;
+    let held: std::collections::HashSet<ServerId> =
+        queue.paused_servers().await?.into_iter().collect();
+    for server in servers {
+        match (server.paused, held.contains(&server.id)) {
+            (true, false) => {
+                queue.pause_server(server.id).await?;
+            }
+            (false, true) => {
+                queue.resume_server(server.id).await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,7 +284,7 @@ mod tests {
 
     #[test]
     fn bad_server_input_names_the_flag() {
-        let err = |r: anyhow::Result<NewServer>| r.unwrap_err().to_string();
+        let err = |r: Result<NewServer, InvalidServer>| r.unwrap_err().to_string();
         assert!(
             err(validate_new_server(
                 "a",

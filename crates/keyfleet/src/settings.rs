@@ -36,6 +36,9 @@ pub struct Settings {
     pub key_namespace: Option<String>,
     /// How old a stored link may get before the config sweep re-fetches it (KEYFLEET_CONFIG_TTL_SECS).
     pub config_ttl: Duration,
+    /// How often a worker re-reads the servers' settings (credentials, limits, pauses) from
+    /// Postgres (KEYFLEET_SERVER_REFRESH_MS).
+    pub server_refresh: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -121,6 +124,7 @@ impl Settings {
                 1,
                 31_536_000,
             )?)),
+            server_refresh: millis("KEYFLEET_SERVER_REFRESH_MS", 2_000, 50, 600_000)?,
         };
         if !settings.database_url.starts_with("postgres://")
             && !settings.database_url.starts_with("postgresql://")

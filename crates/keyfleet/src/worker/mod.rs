@@ -18,7 +18,11 @@ use tower::limit::ConcurrencyLimitLayer;
 
 pub use executor::{Executor, enqueue_tolerating_duplicates, execute, requeue_failed_keys};
 
-use crate::{producer::sync_limits, recovery, servers::ServerClients, settings::Settings};
+use crate::{
+    recovery,
+    servers::{ServerClients, apply_to_queue},
+    settings::Settings,
+};
 
 /// Concurrency served by one claim loop, and the most claim loops a process runs.
 const JOBS_PER_CLAIMER: usize = 8;
@@ -66,7 +70,7 @@ pub async fn run(
     let store = settings.store().await?;
     let queue = settings.queue()?;
     let servers = store.list_servers().await?;
-    sync_limits(&queue, &servers).await?;
+    apply_to_queue(&queue, &servers).await?;
     for warning in queue.settings_warnings().await {
         tracing::warn!("{warning}.");
     }
@@ -89,6 +93,11 @@ pub async fn run(
     };
     let clients = ServerClients::new(store.clone(), client_config);
     clients.preload(&servers);
+    let refresher = tokio::spawn(
+        clients
+            .clone()
+            .refresh_every(queue.clone(), settings.server_refresh),
+    );
     let hooks: Arc<dyn ClaimHooks> = Arc::new(WorkerHooks(Arc::new(HooksInner {
         store: store.clone(),
         queue: queue.clone(),
@@ -149,6 +158,7 @@ pub async fn run(
         }
     }
     maintenance.abort();
+    refresher.abort();
     drop(writeback_task);
     tracing::info!("Worker stopped.");
     Ok(())
