@@ -21,6 +21,11 @@ lint:
 test:
     cargo test --workspace
 
+# Fuzz a running `keyfleet api` against its OpenAPI document (schemathesis, from PyPI).
+api-fuzz:
+    cargo build -p keyfleet
+    bash .ci/schemathesis.sh
+
 # Run the demo: 200 subscriptions on an embedded fake fleet of 10 V2Ray + 1 Outline servers.
 demo:
     cargo run --release -p keyfleet -- demo

@@ -88,6 +88,7 @@ impl AppState {
                        Every call takes `Authorization: Bearer <token>` (`keyfleet token create`).",
     ),
     modifiers(&BearerAuth),
+    components(schemas(queue::SweepName, servers::ServerKindName)),
     tags(
         (name = "subscriptions", description = "What the purchase service calls"),
         (name = "servers", description = "The fleet"),

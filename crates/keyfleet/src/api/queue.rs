@@ -263,6 +263,17 @@ pub async fn discard(
     }))
 }
 
+/// The sweeps that can be run on demand.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the accepted values; parsed against `Sweep::ALL`
+pub enum SweepName {
+    Reconcile,
+    Expire,
+    Configs,
+    Traffic,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SweepParams {
@@ -285,7 +296,7 @@ pub struct SweepResult {
 /// per-server jobs under the limits.
 #[utoipa::path(post, path = "/v1/sweeps/{sweep}", tag = "queue",
     params(
-        ("sweep" = String, Path, description = "reconcile, expire, configs or traffic"),
+        ("sweep" = SweepName, Path, description = "reconcile, expire, configs or traffic"),
         SweepParams,
     ),
     responses(

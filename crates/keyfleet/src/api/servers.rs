@@ -63,8 +63,9 @@ impl From<Server> for ServerView {
 #[serde(deny_unknown_fields)]
 pub struct NewServerRequest {
     /// 1-63 letters, digits, '.', '_' or '-'.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")]
     pub name: String,
-    /// v2ray or outline.
+    #[schema(value_type = ServerKindName)]
     pub kind: String,
     /// The panel URL (v2ray), or the apiUrl with its secret prefix (outline, https only).
     pub api_url: String,
@@ -75,6 +76,15 @@ pub struct NewServerRequest {
     /// Requests the whole fleet of workers may have in flight to it (1-1000, default 4).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_in_flight: Option<u32>,
+}
+
+/// The kinds of server keyfleet drives.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the accepted values; parsed by `ServerKind`
+pub enum ServerKindName {
+    V2ray,
+    Outline,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -156,7 +166,7 @@ pub async fn add(
 /// Change a server's limit, activity, URL or credentials. Running workers use the new values for
 /// their next job: the limit at the next claim, credentials within the refresh interval.
 #[utoipa::path(patch, path = "/v1/servers/{name}", tag = "servers",
-    params(("name" = String, Path, description = "Server name")),
+    params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     request_body = ServerPatch,
     responses(
         (status = 200, body = ServerView),
@@ -241,7 +251,7 @@ fn validate_patch(kind: ServerKind, patch: ServerPatch) -> ApiResult<ServerChang
 /// Every link on the server changed (e.g. a Reality key rotation): the next config sweep
 /// re-fetches exactly this server's links.
 #[utoipa::path(post, path = "/v1/servers/{name}/bump-config", tag = "servers",
-    params(("name" = String, Path, description = "Server name")),
+    params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ConfigBump),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -264,7 +274,7 @@ pub async fn bump_config(
 /// Stop claiming the server's jobs (running ones finish). Holds until resumed, across Redis
 /// restarts (Postgres records it).
 #[utoipa::path(post, path = "/v1/servers/{name}/pause", tag = "servers",
-    params(("name" = String, Path, description = "Server name")),
+    params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ServerView),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -281,7 +291,7 @@ pub async fn pause(
 
 /// Claim the server's jobs again.
 #[utoipa::path(post, path = "/v1/servers/{name}/resume", tag = "servers",
-    params(("name" = String, Path, description = "Server name")),
+    params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ServerView),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),

@@ -196,7 +196,7 @@ fn answer(view: SubscriptionView) -> (StatusCode, Json<SubscriptionView>) {
     path = "/v1/subscriptions/{id}/provision",
     tag = "subscriptions",
     params(
-        ("id" = String, Path, description = "Subscription id: 1-64 letters, digits, '-' or '_' (case-insensitive)"),
+        ("id" = String, Path, description = "Subscription id: 1-64 letters, digits, '-' or '_' (case-insensitive)", pattern = "^[A-Za-z0-9_-]{1,64}$", example = "order-4711"),
         ("Idempotency-Key" = Option<String>, Header, description = "e.g. the order id; 1-255 visible ASCII characters"),
         WaitParams,
     ),
@@ -322,7 +322,7 @@ fn accept_repeat(
     path = "/v1/subscriptions/{id}/deprovision",
     tag = "subscriptions",
     params(
-        ("id" = String, Path, description = "Subscription id"),
+        ("id" = String, Path, description = "Subscription id", pattern = "^[A-Za-z0-9_-]{1,64}$", example = "order-4711"),
         WaitParams,
     ),
     responses(
@@ -359,7 +359,7 @@ pub async fn deprovision(
     get,
     path = "/v1/subscriptions/{id}",
     tag = "subscriptions",
-    params(("id" = String, Path, description = "Subscription id")),
+    params(("id" = String, Path, description = "Subscription id", pattern = "^[A-Za-z0-9_-]{1,64}$", example = "order-4711")),
     responses(
         (status = 200, description = "The subscription", body = SubscriptionView),
         (status = 401, description = "No or bad token", body = ErrorBody),
