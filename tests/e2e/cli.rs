@@ -361,3 +361,131 @@ async fn dead_jobs_can_be_purged_and_recover_re_derives_work_from_postgres() {
     assert!(again["epoch"].as_i64() > report["epoch"].as_i64());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn secrets_come_from_files_or_variables_and_a_command_line_secret_warns() {
+    let env = TestEnv::new().await;
+    let dir =
+        std::env::temp_dir().join(format!("kf-e2e-secrets-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let key_file = write("api-key", "k3y-from-file\n");
+    let url_file = write("api-url", "https://127.0.0.1:1/s3cret-prefix\n");
+    let database_url_file = write("database-url", &format!("{}\n", env.database_url));
+    let pin = "AB".repeat(32);
+    let v2ray = |name: &'static str| {
+        [
+            "server",
+            "add",
+            "--name",
+            name,
+            "--kind",
+            "v2ray",
+            "--api-url",
+            "http://127.0.0.1:1",
+        ]
+    };
+    let quiet = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(out));
+        assert!(!stderr(out).contains("warning"), "{}", stderr(out));
+    };
+
+    quiet(&env.run(&[&v2ray("from-file")[..], &["--api-key-file", &key_file]].concat()));
+    quiet(
+        &env.keyfleet()
+            .env("KEYFLEET_SERVER_API_KEY", "k3y-from-env")
+            .args(v2ray("from-env"))
+            .output()
+            .unwrap(),
+    );
+    let outline = [
+        "server",
+        "add",
+        "--name",
+        "nl-1",
+        "--kind",
+        "outline",
+        "--cert-sha256",
+        &pin,
+    ];
+    quiet(&env.run(&[&outline[..], &["--api-url-file", &url_file]].concat()));
+
+    let argv = env.run(&[&v2ray("from-argv")[..], &["--api-key", "k3y-from-argv"]].concat());
+    assert!(argv.status.success(), "{}", stderr(&argv));
+    assert!(
+        stderr(&argv).contains("warning: --api-key on the command line")
+            && stderr(&argv).contains("--api-key-file"),
+        "{}",
+        stderr(&argv)
+    );
+    let mut outline_argv = outline;
+    outline_argv[3] = "nl-2";
+    let argv = env.run(
+        &[
+            &outline_argv[..],
+            &["--api-url", "https://127.0.0.1:2/s3cret"],
+        ]
+        .concat(),
+    );
+    assert!(argv.status.success(), "{}", stderr(&argv));
+    assert!(
+        stderr(&argv).contains("warning: --api-url on the command line"),
+        "{}",
+        stderr(&argv)
+    );
+
+    let both = env.run(
+        &[
+            &v2ray("both")[..],
+            &["--api-key", "k", "--api-key-file", &key_file],
+        ]
+        .concat(),
+    );
+    assert_rejected(
+        &both,
+        "--api-key (or KEYFLEET_SERVER_API_KEY) and --api-key-file",
+    );
+    let missing = env.run(&[&v2ray("missing")[..], &["--api-key-file", "/nonexistent/k"]].concat());
+    assert_rejected(
+        &missing,
+        "--api-key-file: cannot read the file /nonexistent/k",
+    );
+
+    let stored: std::collections::HashMap<String, (Option<String>, String)> = env
+        .store
+        .list_servers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name, (s.api_key, s.api_url)))
+        .collect();
+    assert_eq!(stored["from-file"].0.as_deref(), Some("k3y-from-file"));
+    assert_eq!(stored["from-env"].0.as_deref(), Some("k3y-from-env"));
+    assert_eq!(stored["from-argv"].0.as_deref(), Some("k3y-from-argv"));
+    assert_eq!(stored["nl-1"].1, "https://127.0.0.1:1/s3cret-prefix");
+    assert!(!stored.contains_key("both") && !stored.contains_key("missing"));
+
+    // DATABASE_URL from a file; with both set, nothing starts.
+    let listed = env
+        .keyfleet()
+        .env_remove("DATABASE_URL")
+        .env("DATABASE_URL_FILE", &database_url_file)
+        .args(["server", "list"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("nl-1"));
+    let both = env
+        .keyfleet()
+        .env("DATABASE_URL_FILE", &database_url_file)
+        .args(["server", "list"])
+        .output()
+        .unwrap();
+    assert_rejected(&both, "DATABASE_URL and DATABASE_URL_FILE are both set");
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.cleanup().await;
+}

@@ -2,14 +2,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 use keyfleet::{
     api, demo, dlq,
     producer::Producer,
     recovery,
     schedule::Schedule,
     scheduler::Scheduler,
-    servers::validate_new_server,
+    servers::{secret_on_command_line_warning, server_secret, validate_new_server},
     settings::Settings,
     sweeps, telemetry,
     worker::{self, WorkerOptions},
@@ -191,12 +191,19 @@ enum ServerCommand {
         /// v2ray or outline.
         #[arg(long)]
         kind: String,
-        /// Panel URL (v2ray) or the apiUrl with its secret prefix (outline).
-        #[arg(long)]
-        api_url: String,
-        /// X-API-Key of a v2ray panel.
-        #[arg(long)]
+        /// Panel URL (v2ray) or the apiUrl with its secret prefix (outline; prefer
+        /// --api-url-file or the variable: a command line is visible to every local user).
+        #[arg(long, env = "KEYFLEET_SERVER_API_URL", hide_env_values = true)]
+        api_url: Option<String>,
+        /// A file holding the --api-url (one trailing newline is ignored).
+        #[arg(long, value_name = "PATH")]
+        api_url_file: Option<std::path::PathBuf>,
+        /// X-API-Key of a v2ray panel (prefer --api-key-file or the variable).
+        #[arg(long, env = "KEYFLEET_SERVER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// A file holding the --api-key (one trailing newline is ignored).
+        #[arg(long, value_name = "PATH")]
+        api_key_file: Option<std::path::PathBuf>,
         /// certSha256 of an outline server (64 hex digits).
         #[arg(long)]
         cert_sha256: Option<String>,
@@ -217,7 +224,9 @@ enum ServerCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    warn_of_secrets_on_command_line(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default_level = if matches!(cli.command, Command::Worker { .. }) {
         "info"
     } else {
@@ -498,10 +507,25 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
             name,
             kind,
             api_url,
+            api_url_file,
             api_key,
+            api_key_file,
             cert_sha256,
             max_in_flight,
         } => {
+            let api_url = server_secret(
+                "--api-url",
+                "KEYFLEET_SERVER_API_URL",
+                api_url,
+                api_url_file.as_deref(),
+            )?
+            .context("--api-url-file, KEYFLEET_SERVER_API_URL or --api-url is required")?;
+            let api_key = server_secret(
+                "--api-key",
+                "KEYFLEET_SERVER_API_KEY",
+                api_key,
+                api_key_file.as_deref(),
+            )?;
             let new = validate_new_server(
                 &name,
                 &kind,
@@ -560,6 +584,33 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// `server add --api-key` (and an Outline `--api-url`, whose path is its secret) still work on
+/// the command line, with a warning.
+fn warn_of_secrets_on_command_line(matches: &clap::ArgMatches) {
+    let Some(("server", server)) = matches.subcommand() else {
+        return;
+    };
+    let Some(("add", add)) = server.subcommand() else {
+        return;
+    };
+    let outline = add
+        .get_one::<String>("kind")
+        .is_some_and(|k| k.eq_ignore_ascii_case("outline"));
+    let on_argv = |id| add.value_source(id) == Some(ValueSource::CommandLine);
+    if on_argv("api_key") {
+        eprintln!(
+            "{}",
+            secret_on_command_line_warning("--api-key", "KEYFLEET_SERVER_API_KEY")
+        );
+    }
+    if outline && on_argv("api_url") {
+        eprintln!(
+            "{}",
+            secret_on_command_line_warning("--api-url", "KEYFLEET_SERVER_API_URL")
+        );
+    }
 }
 
 async fn dlq_command(settings: Settings, command: DlqCommand) -> anyhow::Result<()> {

@@ -1,12 +1,40 @@
 //! Registering servers (validated input) and the worker's pool of one client per server.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use keyfleet_core::{ServerId, ServerKind};
 use keyfleet_store::{NewServer, Server, Store};
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 use parking_lot::RwLock;
+
+use crate::settings::read_secret_file;
+
+/// A secret `server add` takes: `value` from its flag or its variable (clap reads either), or the
+/// content of `file` (the flag's `-file` form). Errors name the flags and the path, never the
+/// secret.
+pub fn server_secret(
+    flag: &str,
+    var: &str,
+    value: Option<String>,
+    file: Option<&Path>,
+) -> anyhow::Result<Option<String>> {
+    match (value, file) {
+        (Some(_), Some(_)) => {
+            bail!("{flag} (or {var}) and {flag}-file are both given: use only one of them")
+        }
+        (Some(value), None) => Ok(Some(value)),
+        (None, Some(path)) => read_secret_file(&format!("{flag}-file"), path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The warning for a secret given on the command line (kept working for compatibility).
+pub fn secret_on_command_line_warning(flag: &str, var: &str) -> String {
+    format!(
+        "warning: {flag} on the command line can be read by every user of this machine (ps, /proc) and stays in shell history: use {flag}-file PATH or {var} instead"
+    )
+}
 
 /// Bad server input: which field, and what is wrong with it. The CLI shows the field as its flag
 /// (`--api-url`), the API as its JSON name (`api_url`).
@@ -365,5 +393,63 @@ mod tests {
         .unwrap();
         assert_eq!(ok.cert_sha256.unwrap(), "AB".repeat(32));
         assert_eq!(ok.api_url, "https://127.0.0.1:1/s3cret");
+    }
+
+    #[test]
+    fn a_bad_api_url_is_never_echoed() {
+        for bad in ["https://h:99999/s3cret", "ftp://h/s3cret", "s3cret"] {
+            let e = validate_new_server("a", "outline", bad, None, Some(&"ab".repeat(32)), 2)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--api-url") && !e.contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn server_secrets_come_from_a_flag_or_a_file_not_both() {
+        let key = || Some("k3y".to_owned());
+        assert_eq!(
+            server_secret("--api-key", "KEYFLEET_SERVER_API_KEY", key(), None).unwrap(),
+            key()
+        );
+        assert_eq!(
+            server_secret("--api-key", "KEYFLEET_SERVER_API_KEY", None, None).unwrap(),
+            None
+        );
+        let e = server_secret(
+            "--api-key",
+            "KEYFLEET_SERVER_API_KEY",
+            key(),
+            Some(Path::new("/x")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--api-key (or KEYFLEET_SERVER_API_KEY) and --api-key-file are both given"),
+            "{e}"
+        );
+        assert!(!e.contains("k3y"), "{e}");
+
+        let dir =
+            std::env::temp_dir().join(format!("kf-servers-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join("api-url");
+        std::fs::write(&file, "https://1.2.3.4:31245/s3cret\n").unwrap();
+        let url = server_secret("--api-url", "KEYFLEET_SERVER_API_URL", None, Some(&file));
+        let missing = dir.join("nope");
+        let e = server_secret("--api-url", "KEYFLEET_SERVER_API_URL", None, Some(&missing))
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            url.unwrap().as_deref(),
+            Some("https://1.2.3.4:31245/s3cret")
+        );
+        assert!(
+            e.contains("--api-url-file")
+                && e.contains(missing.to_str().unwrap())
+                && e.contains("cannot read"),
+            "{e}"
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! Configuration from the environment, validated at start-up: nonsense refuses to start with a
 //! message naming the variable.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use keyfleet_queue::QueueConfig;
 
 #[derive(Clone)]
@@ -50,6 +50,45 @@ impl std::fmt::Debug for Settings {
     }
 }
 
+/// Every environment variable keyfleet reads, for deployment checks (`deploy/` is tested against
+/// it). Libraries read a few more of their own: sqlx `PG*`, reqwest `HTTP(S)_PROXY`/`NO_PROXY`.
+pub const ENV_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "DATABASE_URL_FILE",
+    "REDIS_URL",
+    "REDIS_URL_FILE",
+    "KEYFLEET_REDIS_PREFIX",
+    "KEYFLEET_KEY_NAMESPACE",
+    "KEYFLEET_LEASE_MS",
+    "KEYFLEET_RETRY_BASE_MS",
+    "KEYFLEET_RETRY_CAP_MS",
+    "KEYFLEET_REQUEST_TIMEOUT_MS",
+    "KEYFLEET_SHUTDOWN_GRACE_MS",
+    "KEYFLEET_BREAKER_THRESHOLD",
+    "KEYFLEET_BREAKER_COOLDOWN_MS",
+    "KEYFLEET_BREAKER_COOLDOWN_CAP_MS",
+    "KEYFLEET_DEAD_MAX_AGE_SECS",
+    "KEYFLEET_DEAD_MAX_COUNT",
+    "KEYFLEET_CONFIG_TTL_SECS",
+    "KEYFLEET_SERVER_REFRESH_MS",
+    "KEYFLEET_LOG_FORMAT",
+    "RUST_LOG",
+    // `keyfleet server add`.
+    "KEYFLEET_SERVER_API_KEY",
+    "KEYFLEET_SERVER_API_URL",
+    // `keyfleet api` and the metrics endpoint of `worker` and `scheduler`.
+    "KEYFLEET_API_LISTEN",
+    "KEYFLEET_API_RATE_PER_SEC",
+    "KEYFLEET_API_RATE_BURST",
+    "KEYFLEET_IDEMPOTENCY_TTL_HOURS",
+    "KEYFLEET_METRICS_LISTEN",
+    // Part of the worker id (a pod's name in Kubernetes).
+    "HOSTNAME",
+];
+
+/// Default of KEYFLEET_SHUTDOWN_GRACE_MS.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_REDIS_PREFIX: &str = "keyfleet";
@@ -91,15 +130,25 @@ impl Settings {
             }
             Ok(n)
         };
+        let (database_url, database_source) =
+            secret_var(&get, "DATABASE_URL", "DATABASE_URL_FILE")?
+                .unwrap_or_else(|| (DEFAULT_DATABASE_URL.into(), "DATABASE_URL"));
+        let (redis_url, redis_source) = secret_var(&get, "REDIS_URL", "REDIS_URL_FILE")?
+            .unwrap_or_else(|| (DEFAULT_REDIS_URL.into(), "REDIS_URL"));
         let settings = Self {
-            database_url: text("DATABASE_URL", DEFAULT_DATABASE_URL),
-            redis_url: text("REDIS_URL", DEFAULT_REDIS_URL),
+            database_url,
+            redis_url,
             redis_prefix: text("KEYFLEET_REDIS_PREFIX", DEFAULT_REDIS_PREFIX),
             lease: millis("KEYFLEET_LEASE_MS", 15_000, 100, 600_000)?,
             retry_base: millis("KEYFLEET_RETRY_BASE_MS", 500, 1, 600_000)?,
             retry_cap: millis("KEYFLEET_RETRY_CAP_MS", 60_000, 1, 3_600_000)?,
             request_timeout: millis("KEYFLEET_REQUEST_TIMEOUT_MS", 10_000, 10, 600_000)?,
-            shutdown_grace: millis("KEYFLEET_SHUTDOWN_GRACE_MS", 10_000, 0, 600_000)?,
+            shutdown_grace: millis(
+                "KEYFLEET_SHUTDOWN_GRACE_MS",
+                DEFAULT_SHUTDOWN_GRACE.as_millis() as u64,
+                0,
+                600_000,
+            )?,
             breaker_threshold: count("KEYFLEET_BREAKER_THRESHOLD", 5, 1, 10_000)?,
             breaker_cooldown: millis("KEYFLEET_BREAKER_COOLDOWN_MS", 5_000, 10, 3_600_000)?,
             breaker_cooldown_cap: millis(
@@ -130,16 +179,16 @@ impl Settings {
             && !settings.database_url.starts_with("postgresql://")
         {
             bail!(
-                "DATABASE_URL must be a postgres:// URL, got {:?}",
-                redact(&settings.database_url)
+                "{database_source} must be a postgres:// URL, got {}",
+                describe_url(&settings.database_url)
             );
         }
         if !settings.redis_url.starts_with("redis://")
             && !settings.redis_url.starts_with("rediss://")
         {
             bail!(
-                "REDIS_URL must be a redis:// URL, got {:?}",
-                redact(&settings.redis_url)
+                "{redis_source} must be a redis:// URL, got {}",
+                describe_url(&settings.redis_url)
             );
         }
         if settings.breaker_cooldown_cap < settings.breaker_cooldown {
@@ -183,13 +232,61 @@ impl Settings {
     }
 }
 
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
+/// A secret-bearing variable: NAME, or the content of the file NAME_FILE names (how container
+/// platforms mount secrets, so the value is never in a manifest, an `env` listing or a command
+/// line). Returns the value and the variable it came from.
+fn secret_var(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    file_var: &'static str,
+) -> anyhow::Result<Option<(String, &'static str)>> {
+    match (
+        get(name).filter(|v| !v.is_empty()),
+        get(file_var).filter(|v| !v.is_empty()),
+    ) {
+        (Some(_), Some(_)) => bail!("{name} and {file_var} are both set: set only one of them"),
+        (Some(value), None) => Ok(Some((value, name))),
+        (None, Some(path)) => Ok(Some((
+            read_secret_file(file_var, Path::new(&path))?,
+            file_var,
+        ))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Reads a secret from a file, without one trailing newline (`echo` and most editors add it).
+/// `what` names where the path came from (a variable or a flag); errors name it and the path,
+/// never the content.
+pub fn read_secret_file(what: &str, path: &Path) -> anyhow::Result<String> {
+    let shown = path.display();
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow!("{what}: cannot read the file {shown}: {e}"))?;
+    let mut text = String::from_utf8(bytes)
+        .map_err(|_| anyhow!("{what}: the file {shown} is not UTF-8 text"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
         }
-        _ => url.to_owned(),
+    }
+    if text.trim().is_empty() {
+        bail!("{what}: the file {shown} is empty");
+    }
+    Ok(text)
+}
+
+/// What a rejected URL was, without any of it that could be secret: only its scheme.
+fn describe_url(value: &str) -> String {
+    match value.split_once("://") {
+        Some((scheme, _))
+            if !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            format!("a {scheme}:// URL")
+        }
+        _ => "a value that is not a URL (not shown)".to_owned(),
     }
 }
 
@@ -230,5 +327,178 @@ mod tests {
             err.contains("DATABASE_URL") && !err.contains("secret"),
             "{err}"
         );
+    }
+
+    /// A file in a fresh directory of its own, removed with the directory at the end of the test.
+    struct TempFile {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+    }
+
+    impl TempFile {
+        fn new(content: &[u8]) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("kf-settings-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir(&dir).unwrap();
+            let path = dir.join("secret");
+            std::fs::write(&path, content).unwrap();
+            Self { dir, path }
+        }
+
+        fn path(&self) -> &str {
+            self.path.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn urls_can_come_from_files_without_their_trailing_newline() {
+        let db = TempFile::new(b"postgres://kf:hunter2@db:5432/kf\n");
+        let redis = TempFile::new(b"redis://:hunter2@redis:6379\r\n");
+        let s = with(&[
+            ("DATABASE_URL_FILE", db.path()),
+            ("REDIS_URL_FILE", redis.path()),
+        ])
+        .unwrap();
+        assert_eq!(s.database_url, "postgres://kf:hunter2@db:5432/kf");
+        assert_eq!(s.redis_url, "redis://:hunter2@redis:6379");
+        // Only one newline goes: the rest is the file's content.
+        let two = TempFile::new(b"redis://redis:6379\n\n");
+        let s = with(&[("REDIS_URL_FILE", two.path())]).unwrap();
+        assert_eq!(s.redis_url, "redis://redis:6379\n");
+        // An empty variable counts as unset, as everywhere else.
+        let s = with(&[("DATABASE_URL", ""), ("DATABASE_URL_FILE", db.path())]).unwrap();
+        assert_eq!(s.database_url, "postgres://kf:hunter2@db:5432/kf");
+    }
+
+    /// Start-up is refused with a message saying each of `says`, and never the password.
+    fn refused(pairs: &[(&str, &str)], says: &[&str]) {
+        let err = with(pairs).unwrap_err().to_string();
+        for part in says {
+            assert!(err.contains(part), "{err:?} should say {part:?}");
+        }
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_variable_and_its_file_variant_together_are_refused() {
+        let db = TempFile::new(b"postgres://db/kf");
+        refused(
+            &[
+                ("DATABASE_URL", "postgres://other/kf"),
+                ("DATABASE_URL_FILE", db.path()),
+            ],
+            &["DATABASE_URL and DATABASE_URL_FILE are both set"],
+        );
+        refused(
+            &[("REDIS_URL", "redis://r"), ("REDIS_URL_FILE", db.path())],
+            &["REDIS_URL and REDIS_URL_FILE are both set"],
+        );
+    }
+
+    #[test]
+    fn secret_file_errors_name_the_variable_and_path_never_the_content() {
+        let missing = "/nonexistent/keyfleet/database-url";
+        refused(
+            &[("DATABASE_URL_FILE", missing)],
+            &["DATABASE_URL_FILE: cannot read the file", missing],
+        );
+        let dir = TempFile::new(b"");
+        let dir = dir.dir.to_str().unwrap();
+        refused(
+            &[("REDIS_URL_FILE", dir)],
+            &["REDIS_URL_FILE: cannot read the file", dir],
+        );
+        let empty = TempFile::new(b"\n");
+        refused(
+            &[("REDIS_URL_FILE", empty.path())],
+            &["REDIS_URL_FILE: the file", empty.path(), "is empty"],
+        );
+        let binary = TempFile::new(b"postgres://kf:hunter2@db/\xff");
+        refused(
+            &[("DATABASE_URL_FILE", binary.path())],
+            &["DATABASE_URL_FILE: the file", "is not UTF-8"],
+        );
+        // A file holding the wrong thing (here a bare password) is named, its content is not.
+        let wrong = TempFile::new(b"hunter2:x\n");
+        refused(
+            &[("DATABASE_URL_FILE", wrong.path())],
+            &["DATABASE_URL_FILE must be a postgres:// URL, got a value that is not a URL"],
+        );
+        let wrong = TempFile::new(b"http://user:hunter2@redis:6379");
+        refused(
+            &[("REDIS_URL_FILE", wrong.path())],
+            &["REDIS_URL_FILE must be a redis:// URL, got a http:// URL"],
+        );
+    }
+
+    /// ENV_VARS stays the whole list: every KEYFLEET_* name in the crates' sources (code, messages
+    /// and docs alike) and in the README, and every name the code reads with `env::var` or clap's
+    /// `env = ...`, is in it.
+    #[test]
+    fn env_vars_lists_every_variable_the_sources_name() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .unwrap();
+        let mut files = vec![root.join("README.md")];
+        let mut dirs: Vec<_> = std::fs::read_dir(root.join("crates"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("src"))
+            .collect();
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() > 20, "found the sources: {files:?}");
+        let mut missing = std::collections::BTreeSet::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            let mut names: Vec<&str> = keyfleet_tokens(&text);
+            for opener in ["env::var(\"", "env::var_os(\"", "env = \""] {
+                names.extend(
+                    text.split(opener)
+                        .skip(1)
+                        .filter_map(|rest| rest.split('"').next()),
+                );
+            }
+            for name in names {
+                if !ENV_VARS.contains(&name) {
+                    missing.insert(format!("{name} ({})", file.display()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in settings::ENV_VARS: {missing:?}");
+    }
+
+    fn keyfleet_tokens(text: &str) -> Vec<&str> {
+        let mut found = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("KEYFLEET_") {
+            let before = rest[..at].chars().next_back();
+            let tail = &rest[at..];
+            let len = tail
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = tail[..len].trim_end_matches('_');
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && name.len() > "KEYFLEET_".len()
+            {
+                found.push(name);
+            }
+            rest = &tail[len.max(1)..];
+        }
+        found
     }
 }
