@@ -803,6 +803,7 @@ async fn traffic_totals_survive_counter_resets_and_outline_keeps_its_window() {
 /// Deletes a user on a V2Ray fake behind keyfleet's back, through the panel API.
 async fn delete_behind_our_back(fake: &FakeServer, id: &str) {
     let endpoint = keyfleet_vpn::ServerEndpoint {
+        name: "behind-our-back".into(),
         kind: ServerKind::V2ray,
         api_url: url::Url::parse(&fake.api_url()).unwrap(),
         api_key: fake.api_key(),

@@ -23,6 +23,12 @@ const BODY_EXCERPT_CHARS: usize = 200;
 /// the connection is dropped instead of reused.
 const ERROR_BODY_BYTES: usize = 64 * 1024;
 
+/// Histogram of every request a client makes, labelled `server` (the server's name in keyfleet,
+/// never its URL), `endpoint` (a fixed name per API operation, never the path: ids and the Outline
+/// prefix are in it) and `status` (`2xx`…`5xx`, or `error` when no complete response came back: a
+/// timeout, a transport error, a body cut off or over the cap, or a request abandoned mid-way).
+pub const REQUEST_DURATION_METRIC: &str = "keyfleet_vpn_request_duration_seconds";
+
 /// What replaces a secret in an excerpt.
 const REDACTED: &str = "<redacted>";
 
@@ -68,6 +74,8 @@ pub(crate) struct Http {
     max_body_bytes: usize,
     /// The pinned fingerprint as printed in errors.
     pin_hex: Option<String>,
+    /// The server's name, the `server` label of [`REQUEST_DURATION_METRIC`].
+    label: String,
 }
 
 impl Http {
@@ -76,6 +84,7 @@ impl Http {
         config: &ClientConfig,
         headers: HeaderMap,
         pin: Option<[u8; 32]>,
+        label: &str,
     ) -> Result<Self> {
         let server = redact_url(api_url);
         if !matches!(api_url.scheme(), "http" | "https")
@@ -129,6 +138,7 @@ impl Http {
             secrets,
             max_body_bytes: config.max_body_bytes,
             pin_hex: pin.as_ref().map(fingerprint_hex),
+            label: label.to_owned(),
         })
     }
 
@@ -154,20 +164,49 @@ impl Http {
         url
     }
 
-    pub(crate) async fn call(&self, method: Method, path: &[&str]) -> Result<Reply> {
-        self.send(method, path, None::<&()>).await
+    /// `operation` names the API operation in the request metrics (a fixed name such as
+    /// `create_user`: never a path, which holds ids and the Outline secret prefix).
+    pub(crate) async fn call(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: &[&str],
+    ) -> Result<Reply> {
+        self.send(operation, method, path, None::<&()>).await
     }
 
     pub(crate) async fn call_json<B: Serialize + ?Sized>(
         &self,
+        operation: &'static str,
         method: Method,
         path: &[&str],
         body: &B,
     ) -> Result<Reply> {
-        self.send(method, path, Some(body)).await
+        self.send(operation, method, path, Some(body)).await
     }
 
     async fn send<B: Serialize + ?Sized>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: &[&str],
+        body: Option<&B>,
+    ) -> Result<Reply> {
+        let mut timing = RequestTiming {
+            server: &self.label,
+            operation,
+            started: Instant::now(),
+            status: None,
+        };
+        let reply = self.exchange(method, path, body).await;
+        timing.status = Some(match &reply {
+            Ok(reply) => status_class(reply.status),
+            Err(_) => "error",
+        });
+        reply
+    }
+
+    async fn exchange<B: Serialize + ?Sized>(
         &self,
         method: Method,
         path: &[&str],
@@ -346,6 +385,38 @@ impl Http {
     }
 }
 
+/// Records one request in [`REQUEST_DURATION_METRIC`] when dropped: with the status class it ended
+/// with, or as `error` if it never ended (its future was dropped: the attempt was stopped).
+struct RequestTiming<'a> {
+    server: &'a str,
+    operation: &'static str,
+    started: Instant,
+    status: Option<&'static str>,
+}
+
+impl Drop for RequestTiming<'_> {
+    fn drop(&mut self) {
+        metrics::histogram!(
+            REQUEST_DURATION_METRIC,
+            "server" => self.server.to_owned(),
+            "endpoint" => self.operation,
+            "status" => self.status.unwrap_or("error"),
+        )
+        .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// `2xx`, `3xx`, `4xx` or `5xx`.
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "error",
+    }
+}
+
 /// `text` with every share link (`vless://…`, also JSON-escaped `vless:\/\/…`) replaced by
 /// [`REDACTED`] up to the next whitespace, quote or angle bracket.
 fn redact_links(text: &str) -> String {
@@ -439,7 +510,14 @@ mod tests {
     }
 
     fn http(base: &str) -> Http {
-        Http::new(&url(base), &ClientConfig::default(), HeaderMap::new(), None).unwrap()
+        Http::new(
+            &url(base),
+            &ClientConfig::default(),
+            HeaderMap::new(),
+            None,
+            "s",
+        )
+        .unwrap()
     }
 
     #[test]
@@ -495,7 +573,14 @@ mod tests {
         let mut key = reqwest::header::HeaderValue::from_static("K3y-s3cret");
         key.set_sensitive(true);
         headers.insert("x-api-key", key);
-        let h = Http::new(&url("http://h:1"), &ClientConfig::default(), headers, None).unwrap();
+        let h = Http::new(
+            &url("http://h:1"),
+            &ClientConfig::default(),
+            headers,
+            None,
+            "s",
+        )
+        .unwrap();
         assert_eq!(
             h.excerpt("invalid key K3y-s3cret, try again"),
             "invalid key <redacted>, try again"
@@ -549,7 +634,7 @@ mod tests {
     fn rejects_urls_that_are_not_http() {
         let cfg = ClientConfig::default();
         for bad in ["ftp://h/x", "mailto:a@b", "file:///tmp/x"] {
-            let err = Http::new(&url(bad), &cfg, HeaderMap::new(), None)
+            let err = Http::new(&url(bad), &cfg, HeaderMap::new(), None, "s")
                 .err()
                 .unwrap();
             assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");

@@ -21,7 +21,7 @@ use keyfleet_core::{ServerKind, SubscriptionId};
 use url::Url;
 
 pub use error::{Error, Result};
-pub use http::redact_url;
+pub use http::{REQUEST_DURATION_METRIC, redact_url};
 pub use outline::{AccessKey, DataLimit, OutlineClient, ServerInfo, TransferMetrics};
 pub use retry_after::{MAX_RETRY_AFTER, parse_retry_after};
 pub use text::{MAX_ID_BYTES, MAX_LINK_BYTES, MAX_NAME_BYTES};
@@ -57,6 +57,9 @@ impl Default for ClientConfig {
 /// Where a server's management API is and how to authenticate to it.
 #[derive(Clone)]
 pub struct ServerEndpoint {
+    /// The server's name in keyfleet: the `server` label of the client's request metrics
+    /// ([`REQUEST_DURATION_METRIC`]). Not a secret, unlike the URL.
+    pub name: String,
     pub kind: ServerKind,
     /// V2Ray: the panel's base URL. Outline: `apiUrl`, whose path is the secret prefix.
     pub api_url: Url,
@@ -70,6 +73,7 @@ pub struct ServerEndpoint {
 impl fmt::Debug for ServerEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerEndpoint")
+            .field("name", &self.name)
             .field("kind", &self.kind)
             .field("api_url", &redact_url(&self.api_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
@@ -236,6 +240,7 @@ mod tests {
 
     fn endpoint(kind: ServerKind, url: &str) -> ServerEndpoint {
         ServerEndpoint {
+            name: "s".into(),
             kind,
             api_url: Url::parse(url).unwrap(),
             api_key: None,

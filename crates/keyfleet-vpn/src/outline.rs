@@ -159,7 +159,13 @@ impl OutlineClient {
         let pin = parse_cert_sha256(raw).map_err(|e| Error::Config {
             reason: format!("cert_sha256 of Outline server {server}: {e}"),
         })?;
-        let http = Http::new(&endpoint.api_url, config, HeaderMap::new(), Some(pin))?;
+        let http = Http::new(
+            &endpoint.api_url,
+            config,
+            HeaderMap::new(),
+            Some(pin),
+            &endpoint.name,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
@@ -179,7 +185,15 @@ impl OutlineClient {
 
     /// `GET /server`. A 404 here means the secret prefix is wrong.
     pub async fn server_info(&self) -> Result<ServerInfo> {
-        let reply = self.http().call(Method::GET, &["server"]).await?;
+        self.server_info_as("server_info").await
+    }
+
+    /// `GET /server`, counted in the request metrics as `operation`.
+    async fn server_info_as(&self, operation: &'static str) -> Result<ServerInfo> {
+        let reply = self
+            .http()
+            .call(operation, Method::GET, &["server"])
+            .await?;
         if reply.status == StatusCode::NOT_FOUND {
             return Err(Error::NotFound {
                 server: self.server().to_owned(),
@@ -193,7 +207,12 @@ impl OutlineClient {
     pub async fn create_key_post(&self, name: &str) -> Result<AccessKey> {
         let reply = self
             .http()
-            .call_json(Method::POST, &["access-keys"], &KeyName { name })
+            .call_json(
+                "create_key_post",
+                Method::POST,
+                &["access-keys"],
+                &KeyName { name },
+            )
             .await?;
         self.checked_key(self.http().json(reply)?, "POST /access-keys")
     }
@@ -203,7 +222,12 @@ impl OutlineClient {
         self.check_id(id)?;
         let reply = self
             .http()
-            .call_json(Method::PUT, &["access-keys", id], &KeyName { name })
+            .call_json(
+                "create_key_put",
+                Method::PUT,
+                &["access-keys", id],
+                &KeyName { name },
+            )
             .await?;
         self.checked_key(self.http().json(reply)?, &format!("PUT /access-keys/{id}"))
     }
@@ -211,14 +235,20 @@ impl OutlineClient {
     /// `GET /access-keys/{id}` (v1.8.0+).
     pub async fn get_key(&self, id: &str) -> Result<AccessKey> {
         self.check_id(id)?;
-        let reply = self.http().call(Method::GET, &["access-keys", id]).await?;
+        let reply = self
+            .http()
+            .call("get_key", Method::GET, &["access-keys", id])
+            .await?;
         self.checked_key(self.http().json(reply)?, &format!("GET /access-keys/{id}"))
     }
 
     /// `GET /access-keys`. Keys whose id is not valid are left out (see
     /// [`crate::VpnClient::list_keys`]).
     pub async fn list_keys(&self) -> Result<Vec<AccessKey>> {
-        let reply = self.http().call(Method::GET, &["access-keys"]).await?;
+        let reply = self
+            .http()
+            .call("list_keys", Method::GET, &["access-keys"])
+            .await?;
         let keys = self.http().json::<AccessKeyList>(reply)?.access_keys;
         Ok(text::with_valid_ids(
             self.server(),
@@ -234,7 +264,7 @@ impl OutlineClient {
         self.check_id(id)?;
         let reply = self
             .http()
-            .call(Method::DELETE, &["access-keys", id])
+            .call("delete_key", Method::DELETE, &["access-keys", id])
             .await?;
         if reply.status == StatusCode::NOT_FOUND {
             return Ok(DeleteOutcome::AlreadyGone);
@@ -248,7 +278,12 @@ impl OutlineClient {
         self.check_id(id)?;
         let reply = self
             .http()
-            .call_json(Method::PUT, &["access-keys", id, "name"], &KeyName { name })
+            .call_json(
+                "rename_key",
+                Method::PUT,
+                &["access-keys", id, "name"],
+                &KeyName { name },
+            )
             .await?;
         self.http().success(reply)?;
         Ok(())
@@ -258,7 +293,7 @@ impl OutlineClient {
     pub async fn transfer(&self) -> Result<TransferMetrics> {
         let reply = self
             .http()
-            .call(Method::GET, &["metrics", "transfer"])
+            .call("transfer", Method::GET, &["metrics", "transfer"])
             .await?;
         self.http().json(reply)
     }
@@ -277,7 +312,7 @@ impl OutlineClient {
             .get_or_try_init(|| async {
                 let reply = self
                     .http()
-                    .call(Method::GET, &["access-keys", PROBE_ID])
+                    .call("probe_key_ids", Method::GET, &["access-keys", PROBE_ID])
                     .await?;
                 let chosen_ids = match probe_verdict(reply.status, &reply.body) {
                     Some(Probe::Route) => true,
@@ -298,7 +333,7 @@ impl OutlineClient {
     /// A cheap request that says whether the server answers: `GET /server`, through the same
     /// client, timeouts and error classification as every other call.
     pub async fn health(&self) -> Result<()> {
-        self.server_info().await.map(drop)
+        self.server_info_as("health").await.map(drop)
     }
 
     /// Idempotent create, see [`crate::VpnClient::ensure_key`]. v1.8.0+: `PUT` the

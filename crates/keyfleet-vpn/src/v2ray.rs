@@ -132,7 +132,13 @@ impl V2rayClient {
             }
         };
         Ok(Self {
-            http: Arc::new(Http::new(&endpoint.api_url, config, headers, pin)?),
+            http: Arc::new(Http::new(
+                &endpoint.api_url,
+                config,
+                headers,
+                pin,
+                &endpoint.name,
+            )?),
         })
     }
 
@@ -146,7 +152,12 @@ impl V2rayClient {
     pub async fn create_user(&self, email: &str, name: &str) -> Result<V2rayUser> {
         let reply = self
             .http
-            .call_json(Method::POST, &["api", "users"], &NewUser { email, name })
+            .call_json(
+                "create_user",
+                Method::POST,
+                &["api", "users"],
+                &NewUser { email, name },
+            )
             .await?;
         let user: V2rayUser = self.http.json(reply)?;
         let endpoint = "POST /api/users";
@@ -171,7 +182,10 @@ impl V2rayClient {
     /// `GET /api/users`: every user, unpaginated.
     /// Users whose uuid is not valid are left out (see [`crate::VpnClient::list_keys`]).
     pub async fn list_users(&self) -> Result<Vec<V2rayUser>> {
-        let reply = self.http.call(Method::GET, &["api", "users"]).await?;
+        let reply = self
+            .http
+            .call("list_users", Method::GET, &["api", "users"])
+            .await?;
         let users = self.http.json(reply)?;
         Ok(text::with_valid_ids(
             self.server(),
@@ -186,7 +200,7 @@ impl V2rayClient {
         self.check_id(uuid)?;
         let reply = self
             .http
-            .call(Method::GET, &["api", "keys", uuid, "link"])
+            .call("get_link", Method::GET, &["api", "keys", uuid, "link"])
             .await?;
         let link: V2rayLink = self.http.json(reply)?;
         check_link(&link.link).map_err(|flaw| {
@@ -203,7 +217,7 @@ impl V2rayClient {
         self.check_id(uuid)?;
         let reply = self
             .http
-            .call(Method::DELETE, &["api", "users", uuid])
+            .call("delete_user", Method::DELETE, &["api", "users", uuid])
             .await?;
         if reply.status == StatusCode::NOT_FOUND {
             return Ok(DeleteOutcome::AlreadyGone);
@@ -216,7 +230,7 @@ impl V2rayClient {
     pub async fn stats(&self) -> Result<V2rayStats> {
         let reply = self
             .http
-            .call(Method::GET, &["api", "stats", "users"])
+            .call("stats", Method::GET, &["api", "stats", "users"])
             .await?;
         let mut stats: V2rayStats = self.http.json(reply)?;
         stats.users = text::with_valid_ids(
@@ -235,7 +249,7 @@ impl V2rayClient {
     pub async fn health(&self) -> Result<()> {
         let reply = self
             .http
-            .call(Method::GET, &["api", "keys", HEALTH_UUID, "link"])
+            .call("health", Method::GET, &["api", "keys", HEALTH_UUID, "link"])
             .await?;
         if reply.status == StatusCode::NOT_FOUND {
             return Ok(());

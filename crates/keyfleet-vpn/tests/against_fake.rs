@@ -15,6 +15,7 @@ fn sub(s: &str) -> SubscriptionId {
 
 fn endpoint_of(fake: &FakeServer) -> ServerEndpoint {
     ServerEndpoint {
+        name: "fake".into(),
         kind: fake.kind(),
         api_url: Url::parse(&fake.api_url()).unwrap(),
         api_key: fake.api_key(),

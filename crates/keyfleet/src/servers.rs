@@ -169,6 +169,7 @@ fn hex_upper(bytes: &[u8]) -> String {
 
 pub fn endpoint_of(server: &Server) -> anyhow::Result<ServerEndpoint> {
     Ok(ServerEndpoint {
+        name: server.name.clone(),
         kind: server.kind,
         api_url: url::Url::parse(&server.api_url).with_context(|| {
             format!(
@@ -188,6 +189,9 @@ pub struct ServerClients {
     store: Store,
     config: ClientConfig,
     clients: Arc<RwLock<HashMap<ServerId, (i64, VpnClient)>>>,
+    /// Each server's name as Postgres has it, for metric labels (kept even when its client could
+    /// not be built).
+    names: Arc<RwLock<HashMap<ServerId, String>>>,
 }
 
 /// Why no client could be had for a server.
@@ -207,6 +211,7 @@ impl ServerClients {
             store,
             config,
             clients: Arc::default(),
+            names: Arc::default(),
         }
     }
 
@@ -214,7 +219,9 @@ impl ServerClients {
     /// server's row. A server whose configuration is unusable is left for `get` to report.
     pub fn preload(&self, servers: &[Server]) {
         let mut clients = self.clients.write();
+        let mut names = self.names.write();
         for server in servers {
+            names.insert(server.id, server.name.clone());
             if let Ok(endpoint) = endpoint_of(server)
                 && let Ok(client) = VpnClient::new(&endpoint, &self.config)
             {
@@ -274,6 +281,7 @@ impl ServerClients {
                 )));
             }
         };
+        self.names.write().insert(id, server.name.clone());
         let endpoint = endpoint_of(&server).map_err(|e| ClientError::Invalid(e.to_string()))?;
         let client = VpnClient::new(&endpoint, &self.config)
             .map_err(|e| ClientError::Invalid(format!("server {:?}: {e}", server.name)))?;
@@ -281,6 +289,16 @@ impl ServerClients {
             .write()
             .insert(id, (server.revision, client.clone()));
         Ok(client)
+    }
+
+    /// The server's name (the `server` label of its metrics), once `preload` or `get` read its
+    /// row; `"unknown"` before, or for a server Postgres does not have.
+    pub fn name(&self, id: ServerId) -> String {
+        self.names
+            .read()
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned())
     }
 }
 
