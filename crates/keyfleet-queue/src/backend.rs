@@ -14,7 +14,7 @@ use tower::layer::util::Identity;
 
 use keyfleet_core::ServerId;
 
-use crate::{Claim, ClaimedJob, Error, Finish, Queue, QueueConfig, WakeSignal};
+use crate::{Claim, ClaimedJob, Error, Finish, FinishResult, Queue, QueueConfig, WakeSignal};
 
 /// What the backend needs from the process it runs in when a claim returns no job to run.
 pub trait ClaimHooks: Send + Sync + 'static {
@@ -25,6 +25,11 @@ pub trait ClaimHooks: Send + Sync + 'static {
     /// The server's circuit breaker is due a health probe: make one cheap request and report it
     /// with [`Queue::probe_result`]. Runs beside the claims.
     fn probe(&self, server: ServerId) -> BoxFuture<'static, ()>;
+    /// A claim returned (a job, a probe, nothing to claim, or an error about to be backed off
+    /// from): the claim loop is alive. For readiness checks; the default does nothing.
+    fn claim_returned(&self) {}
+    /// A job claimed as the worker stopped was given back unstarted (no attempt spent).
+    fn released(&self, _job: &ClaimedJob) {}
 }
 
 /// keyfleet's queue as an apalis backend: the worker asks for a job only when its service has a
@@ -105,7 +110,9 @@ impl Backend for QueueBackend {
                 }
                 State::Claiming(seen, claim) => {
                     let seen = *seen;
-                    match ready!(claim.as_mut().poll(cx)) {
+                    let claimed = ready!(claim.as_mut().poll(cx));
+                    self.hooks.claim_returned();
+                    match claimed {
                         Ok(Claim::Job(job)) => {
                             self.state = State::Idle;
                             self.error_backoff = MIN_BACKOFF;
@@ -148,9 +155,14 @@ impl Backend for QueueBackend {
             match claimed {
                 Ok(Claim::Job(job)) => {
                     let queue = self.queue.clone();
+                    let hooks = self.hooks.clone();
                     self.state = State::Releasing(Box::pin(async move {
-                        if let Err(error) = queue.finish(&job, &Finish::Release).await {
-                            tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.");
+                        match queue.finish(&job, &Finish::Release).await {
+                            Ok((FinishResult::Applied, _)) => hooks.released(&job),
+                            Ok(_) => {}
+                            Err(error) => {
+                                tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.")
+                            }
                         }
                     }));
                 }

@@ -152,6 +152,7 @@ pub fn spawn_maintenance_with(
             loop {
                 match queue.reap_expired(REAP_BATCH).await {
                     Ok((n, buried)) if n > 0 => {
+                        metrics::counter!(LEASES_REAPED_METRIC).increment(n);
                         buried.into_iter().for_each(&on_buried);
                         tracing::info!(jobs = n, "Took back jobs whose worker lost its lease.");
                         if n < u64::from(REAP_BATCH) {
@@ -179,6 +180,9 @@ pub fn spawn_maintenance_with(
         }
     })
 }
+
+/// Counter: jobs (and health probes) the reaper took back because their lease expired.
+pub const LEASES_REAPED_METRIC: &str = "keyfleet_leases_reaped_total";
 
 const REAP_BATCH: u32 = 200;
 const TRIM_EVERY: Duration = Duration::from_secs(60);

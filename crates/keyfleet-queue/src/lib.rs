@@ -22,7 +22,7 @@ use redis::{
 };
 
 pub use backend::{ClaimHooks, QueueBackend};
-pub use leases::{LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
+pub use leases::{LEASES_REAPED_METRIC, LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
 pub use wake::WakeSignal;

@@ -25,7 +25,9 @@ pub use servers::{NewServer, Server, ServerChange};
 pub use subscriptions::{KeyDetail, ProvisionPlan, StoredReceipt, SubscriptionKeys};
 pub use sweeps::{StoredKey, TrafficKind, TrafficOutcome};
 pub use tokens::{ApiToken, TokenOwner};
-pub use writeback::{Contributors, WriteBack, WriteBackConfig};
+pub use writeback::{
+    Contributors, WRITEBACK_BATCH_ROWS_METRIC, WRITEBACK_COMMIT_METRIC, WriteBack, WriteBackConfig,
+};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -125,6 +127,12 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// One round trip (`SELECT 1`): whether Postgres answers, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Applies the migrations in `migrations/` (embedded at build time).

@@ -8,6 +8,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, KeyWrite, Result, Store, WriteOutcome};
 
+/// Histogram: rows per committed write-back transaction.
+pub const WRITEBACK_BATCH_ROWS_METRIC: &str = "keyfleet_writeback_batch_rows";
+/// Histogram: how long a committed write-back transaction took (statements and commit).
+pub const WRITEBACK_COMMIT_METRIC: &str = "keyfleet_writeback_commit_seconds";
+
 #[derive(Debug, Clone)]
 pub struct WriteBackConfig {
     pub max_batch: usize,
@@ -151,8 +156,12 @@ async fn write_isolated(
             continue;
         }
         let rejected = loop {
+            let started = std::time::Instant::now();
             match store.write_keys(&writes[part.clone()]).await {
                 Ok(applied) => {
+                    metrics::histogram!(WRITEBACK_BATCH_ROWS_METRIC).record(part.len() as f64);
+                    metrics::histogram!(WRITEBACK_COMMIT_METRIC)
+                        .record(started.elapsed().as_secs_f64());
                     for (slot, ok) in results[part.clone()].iter_mut().zip(applied) {
                         *slot = Some(Ok(ok));
                     }
