@@ -529,6 +529,7 @@ pub mod sweeping {
     pub struct LoggedProcess {
         child: Option<Child>,
         log: PathBuf,
+        /// What it printed on stdout (a file, like its log: never a pipe nobody reads).
         stdout: PathBuf,
     }
 
@@ -586,6 +587,16 @@ pub mod sweeping {
     /// A real scheduler replica: `keyfleet scheduler` with `(sweep, cron)` pairs; sweeps not named
     /// are "off".
     pub fn spawn_scheduler(env: &TestEnv, schedules: &[(&str, &str)]) -> LoggedProcess {
+        spawn_scheduler_with(env, schedules, &[], &[])
+    }
+
+    /// [`spawn_scheduler`] with more arguments (e.g. `--metrics-listen`) and environment.
+    pub fn spawn_scheduler_with(
+        env: &TestEnv,
+        schedules: &[(&str, &str)],
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> LoggedProcess {
         let mut args = vec!["scheduler".to_owned()];
         for sweep in ["reconcile", "expire", "configs", "traffic"] {
             let cron = schedules
@@ -595,8 +606,9 @@ pub mod sweeping {
             args.push(format!("--{sweep}"));
             args.push(cron.to_owned());
         }
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn_logged(env, &args, &[])
+        spawn_logged(env, &args, extra_env)
     }
 
     impl LoggedProcess {
@@ -618,7 +630,7 @@ pub mod sweeping {
         pub fn await_stdout_line(&mut self, prefix: &str, within: Duration) -> String {
             let deadline = Instant::now() + within;
             loop {
-                let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+                let out = self.stdout();
                 if let Some(line) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
                     return line.trim().to_owned();
                 }
@@ -629,6 +641,17 @@ pub mod sweeping {
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+
+        /// What it has printed on stdout so far.
+        pub fn stdout(&self) -> String {
+            std::fs::read_to_string(&self.stdout).unwrap_or_default()
+        }
+
+        /// The base URL of its metrics listener (started with `--metrics-listen 127.0.0.1:0`),
+        /// from the line it prints once bound: `metrics listening on http://ADDR`.
+        pub fn metrics_url(&mut self, within: Duration) -> String {
+            self.await_stdout_line("metrics listening on ", within)
         }
 
         /// Whether it has not exited.

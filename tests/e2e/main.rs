@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod guarantees;
 mod harness;
+mod observe;
 mod provision;
 mod resilience;
 mod retries;

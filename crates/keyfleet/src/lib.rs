@@ -4,6 +4,7 @@
 pub mod api;
 pub mod demo;
 pub mod dlq;
+pub mod observe;
 pub mod producer;
 pub mod reconcile;
 pub mod recovery;

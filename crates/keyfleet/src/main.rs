@@ -75,12 +75,18 @@ enum Command {
         configs: String,
         #[arg(long, default_value = "0 */5 * * * *")]
         traffic: String,
+        /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
+        #[arg(long, env = "KEYFLEET_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run a worker: claim jobs, execute them against the servers, write results back.
     Worker {
         /// Jobs run at once by this process.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Serve /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9090).
+        #[arg(long, env = "KEYFLEET_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Show a subscription's keys, per server.
     Status {
@@ -347,6 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             expire,
             configs,
             traffic,
+            metrics_listen,
         } => {
             let mut schedules = Vec::new();
             for (sweep, expr) in [
@@ -368,15 +375,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 id: WorkerOptions::new(1).worker_id,
                 settings,
                 schedules,
+                metrics_listen,
             };
             scheduler
                 .run(shutdown.expect("installed for the scheduler"))
                 .await?;
         }
-        Command::Worker { concurrency } => {
+        Command::Worker {
+            concurrency,
+            metrics_listen,
+        } => {
             worker::run(
                 settings,
-                WorkerOptions::new(concurrency),
+                WorkerOptions {
+                    metrics_listen,
+                    ..WorkerOptions::new(concurrency)
+                },
                 shutdown.expect("installed for the worker"),
             )
             .await?;

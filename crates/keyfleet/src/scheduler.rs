@@ -3,13 +3,14 @@
 //! under a transaction-scoped advisory lock, so a slow run is never started twice at once; ticks
 //! missed while no scheduler ran are caught up once (see `schedule::Schedule::due`).
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use chrono::Utc;
 use keyfleet_queue::Queue;
 use keyfleet_store::Store;
 
 use crate::{
+    observe::{self, Health},
     recovery,
     schedule::Schedule,
     settings::Settings,
@@ -23,6 +24,8 @@ pub struct Scheduler {
     pub schedules: Vec<(Sweep, Schedule)>,
     /// Unique per process (shows in `sweep_ticks.fired_by` and logs).
     pub id: String,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here (`--metrics-listen`); `None`: no listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Scheduler {
@@ -31,6 +34,23 @@ impl Scheduler {
             !self.schedules.is_empty(),
             "every sweep is off: nothing to schedule"
         );
+        let metrics = observe::start(
+            self.metrics_listen,
+            Health {
+                store: self.store.clone(),
+                queue: self.queue.clone(),
+                claim_progress: None,
+            },
+        )
+        .await?;
+        self.fire_until(shutdown).await;
+        if let Some(metrics) = metrics {
+            metrics.stop().await;
+        }
+        Ok(())
+    }
+
+    async fn fire_until(&self, shutdown: impl Future<Output = ()>) {
         for warning in self.queue.settings_warnings().await {
             tracing::warn!("{warning}.");
         }
@@ -62,7 +82,7 @@ impl Scheduler {
             tokio::select! {
                 () = &mut shutdown => {
                     tracing::info!("Scheduler stopped.");
-                    return Ok(());
+                    return;
                 }
                 () = tokio::time::sleep(wait + Duration::from_millis(5)) => {}
             }
@@ -114,6 +134,7 @@ impl Scheduler {
         {
             return Ok(());
         }
+        let run_started = std::time::Instant::now();
         let report = sweeps::run(
             &self.store,
             &self.queue,
@@ -124,6 +145,12 @@ impl Scheduler {
         .await?;
         tracing::info!(sweep = sweep.name(), %tick, jobs = report.jobs.values().sum::<usize>(), enqueued = report.enqueued, "Sweep fired.");
         lock.commit().await?;
+        let name = sweep.name();
+        metrics::counter!(observe::SWEEP_RUNS_METRIC, "sweep" => name).increment(1);
+        metrics::histogram!(observe::SWEEP_DURATION_METRIC, "sweep" => name)
+            .record(run_started.elapsed().as_secs_f64());
+        metrics::counter!(observe::SWEEP_ENQUEUED_METRIC, "sweep" => name)
+            .increment(report.enqueued as u64);
         Ok(())
     }
 }

@@ -15,6 +15,7 @@ use keyfleet_vpn::VpnClient;
 use tokio::time::Instant;
 
 use crate::{
+    observe::{self, Progress},
     reconcile, recovery,
     servers::{ClientError, ServerClients},
     settings::Settings,
@@ -37,6 +38,8 @@ pub struct Executor {
     pub clients: ServerClients,
     pub leases: LeaseRegistry,
     pub settings: Settings,
+    /// Ticked each time a job ends: a slot frees and the claim loop claims again.
+    pub progress: Progress,
 }
 
 /// The apalis task function: every job ends in an explicit queue outcome, never in an apalis error.
@@ -48,7 +51,25 @@ pub async fn execute(job: ClaimedJob, executor: Data<Arc<Executor>>) -> Result<(
 impl Executor {
     #[tracing::instrument(skip_all, fields(job_id = %job.id, server_id = %job.server, attempt = job.attempt))]
     pub async fn run(&self, job: ClaimedJob) {
-        let lease = self.leases.hold(&job, self.settings.lease);
+        let kind = job_kind(&job);
+        if !job.tried_before() {
+            metrics::histogram!(observe::CLAIM_WAIT_METRIC, "kind" => kind)
+                .record(observe::seconds_since(job.enqueued_at_ms));
+        }
+        let outcome = self.run_attempt(&job, kind).await;
+        metrics::counter!(
+            observe::JOB_OUTCOMES_METRIC,
+            "server" => self.clients.name(job.server),
+            "kind" => kind,
+            "outcome" => outcome,
+        )
+        .increment(1);
+        self.progress.tick();
+    }
+
+    /// Runs the attempt and records its outcome; returns the outcome's metric label.
+    async fn run_attempt(&self, job: &ClaimedJob, kind: &'static str) -> &'static str {
+        let lease = self.leases.hold(job, self.settings.lease);
         // Once the lease is lost (or cannot be confirmed in time, e.g. Redis unreachable) another
         // worker may take the job: stop this attempt, aborting its in-flight request, so the
         // server never sees more than its limit. Its writes, if any landed, are fenced.
@@ -56,9 +77,9 @@ impl Executor {
             biased;
             () = lease.lost() => {
                 tracing::warn!("Lease lost mid-attempt: stopped it; the job belongs to its next attempt.");
-                return;
+                return "lost_lease";
             }
-            finish = self.attempt(&job) => finish,
+            finish = self.attempt(job) => finish,
         };
         match &finish {
             Finish::Done => tracing::debug!("Job done."),
@@ -71,27 +92,37 @@ impl Executor {
             }
             Finish::Release => {}
         }
-        self.record(&job, &finish).await;
+        let recorded = self.record(job, &finish).await;
+        if let (Finish::Done, Some((FinishResult::Applied, _))) = (&finish, recorded) {
+            metrics::histogram!(observe::JOB_LATENCY_METRIC, "kind" => kind)
+                .record(observe::seconds_since(job.enqueued_at_ms));
+        }
+        match recorded {
+            Some((FinishResult::Fenced, _)) => {
+                tracing::info!("Attempt was fenced out: a newer attempt owns this job.");
+            }
+            Some((_, BreakerEvent::Closed)) => {
+                tracing::info!("A success closed the server's circuit breaker.");
+                requeue_failed_keys(&self.store, &self.queue, job.server).await;
+            }
+            _ => {}
+        }
+        outcome_label(&finish, recorded.map(|(result, _)| result))
     }
 
     /// Records the outcome in Redis. While Redis is unreachable it keeps trying for one lease time;
     /// after that the lease has expired anyway and the job will run again (safely: execution is
-    /// idempotent and this attempt's writes are fenced).
-    async fn record(&self, job: &ClaimedJob, finish: &Finish) {
+    /// idempotent and this attempt's writes are fenced): `None`.
+    async fn record(
+        &self,
+        job: &ClaimedJob,
+        finish: &Finish,
+    ) -> Option<(FinishResult, BreakerEvent)> {
         let give_up = Instant::now() + self.settings.lease;
         let mut delay = Duration::from_millis(50);
         loop {
             match self.queue.finish(job, finish).await {
-                Ok((FinishResult::Fenced, _)) => {
-                    tracing::info!("Attempt was fenced out: a newer attempt owns this job.");
-                    return;
-                }
-                Ok((_, BreakerEvent::Closed)) => {
-                    tracing::info!("A success closed the server's circuit breaker.");
-                    requeue_failed_keys(&self.store, &self.queue, job.server).await;
-                    return;
-                }
-                Ok(_) => return,
+                Ok(recorded) => return Some(recorded),
                 Err(error) if Instant::now() + delay < give_up => {
                     tracing::warn!(%error, "Could not record the job outcome in Redis; retrying.");
                     tokio::time::sleep(delay).await;
@@ -99,7 +130,7 @@ impl Executor {
                 }
                 Err(error) => {
                     tracing::error!(%error, "Gave up recording the job outcome; the job will run again.");
-                    return;
+                    return None;
                 }
             }
         }
@@ -415,6 +446,21 @@ impl Executor {
             }))
             .collect();
         let enqueued = enqueue_tolerating_duplicates(&self.queue, &jobs).await?;
+        // Counted once the repairs are queued (a run that fails before is retried and finds it again).
+        let name = self.clients.name(server);
+        for (drift, keys) in [
+            ("missing", plan.create.len() - plan.lost.len()),
+            ("lost", plan.lost.len()),
+            ("unrecorded", plan.adopt.len()),
+            ("unwanted", plan.delete.len()),
+        ] {
+            metrics::counter!(
+                observe::RECONCILE_DRIFT_METRIC,
+                "server" => name.clone(),
+                "drift" => drift,
+            )
+            .increment(keys as u64);
+        }
         tracing::info!(
             remote = remote.len(),
             stored = stored.len(),
@@ -532,6 +578,33 @@ impl Executor {
             error,
             server_fault,
         }
+    }
+}
+
+/// The `kind` label of a job's metrics (`unknown` for a payload that does not decode).
+pub(crate) fn job_kind(job: &ClaimedJob) -> &'static str {
+    JobPayload::from_json(&job.payload).map_or("unknown", |p| p.kind().as_str())
+}
+
+/// The `outcome` label of [`observe::JOB_OUTCOMES_METRIC`]: what the queue made of the attempt.
+/// - `done`: acknowledged after its result (if any) committed in Postgres;
+/// - `retry`: back to the delayed set, with a back-off;
+/// - `dead`: dead-lettered (a permanent error, or the attempts are spent);
+/// - `requeued`: run again at once under a new fence (Redis went backwards), no attempt spent;
+/// - `released`: given back unstarted at shutdown (counted by the worker's claim hooks);
+/// - `fenced`: the finish changed nothing, a newer attempt owns the job;
+/// - `lost_lease`: stopped mid-attempt because its lease was lost or could not be confirmed;
+/// - `unrecorded`: Redis could not be told within a lease time; the job will run again.
+pub(crate) fn outcome_label(finish: &Finish, recorded: Option<FinishResult>) -> &'static str {
+    match (recorded, finish) {
+        (None, _) => "unrecorded",
+        (Some(FinishResult::Fenced), _) => "fenced",
+        (Some(FinishResult::DeadLettered), _) => "dead",
+        (Some(FinishResult::Applied), Finish::Done) => "done",
+        (Some(FinishResult::Applied), Finish::Retry { .. }) => "retry",
+        (Some(FinishResult::Applied), Finish::Dead { .. }) => "dead",
+        (Some(FinishResult::Applied), Finish::Release) => "released",
+        (Some(FinishResult::Applied), Finish::Requeue { .. }) => "requeued",
     }
 }
 

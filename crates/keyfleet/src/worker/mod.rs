@@ -3,7 +3,7 @@
 
 mod executor;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use apalis_core::worker::builder::WorkerBuilder;
 use futures::future::BoxFuture;
@@ -19,6 +19,7 @@ use tower::limit::ConcurrencyLimitLayer;
 pub use executor::{Executor, enqueue_tolerating_duplicates, execute, requeue_failed_keys};
 
 use crate::{
+    observe::{self, Health, Progress},
     recovery,
     servers::{ServerClients, apply_to_queue},
     settings::Settings,
@@ -42,6 +43,8 @@ pub struct WorkerOptions {
     pub concurrency: usize,
     /// Unique per process: shows in leases and logs, so two replicas never collide.
     pub worker_id: String,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here (`--metrics-listen`); `None`: no listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl WorkerOptions {
@@ -55,6 +58,7 @@ impl WorkerOptions {
         Self {
             concurrency,
             worker_id,
+            metrics_listen: None,
         }
     }
 }
@@ -69,6 +73,16 @@ pub async fn run(
     anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
     let store = settings.store().await?;
     let queue = settings.queue()?;
+    let progress = Progress::default();
+    let metrics = observe::start(
+        options.metrics_listen,
+        Health {
+            store: store.clone(),
+            queue: queue.clone(),
+            claim_progress: Some(progress.clone()),
+        },
+    )
+    .await?;
     let servers = store.list_servers().await?;
     apply_to_queue(&queue, &servers).await?;
     for warning in queue.settings_warnings().await {
@@ -104,6 +118,7 @@ pub async fn run(
         clients: clients.clone(),
         settings: settings.clone(),
         initializing: tokio::sync::Mutex::new(()),
+        progress: progress.clone(),
     })));
     let executor = Arc::new(Executor {
         store: store.clone(),
@@ -112,6 +127,7 @@ pub async fn run(
         clients,
         leases: leases.clone(),
         settings: settings.clone(),
+        progress,
     });
     tracing::info!(worker = %options.worker_id, concurrency = options.concurrency, prefix = %settings.redis_prefix, "Worker started.");
     // One apalis worker claims one job at a time (a Redis round trip each), so a process runs
@@ -160,6 +176,9 @@ pub async fn run(
     maintenance.abort();
     refresher.abort();
     drop(writeback_task);
+    if let Some(metrics) = metrics {
+        metrics.stop().await;
+    }
     tracing::info!("Worker stopped.");
     Ok(())
 }
@@ -205,9 +224,25 @@ struct HooksInner {
     settings: Settings,
     /// One initialisation at a time per process: its claim loops all find Redis empty at once.
     initializing: tokio::sync::Mutex<()>,
+    /// Ticked by every claim that returns, for readiness.
+    progress: Progress,
 }
 
 impl ClaimHooks for WorkerHooks {
+    fn claim_returned(&self) {
+        self.0.progress.tick();
+    }
+
+    fn released(&self, job: &keyfleet_queue::ClaimedJob) {
+        metrics::counter!(
+            observe::JOB_OUTCOMES_METRIC,
+            "server" => self.0.clients.name(job.server),
+            "kind" => executor::job_kind(job),
+            "outcome" => "released",
+        )
+        .increment(1);
+    }
+
     fn initialize(&self) -> BoxFuture<'static, ()> {
         let inner = self.0.clone();
         Box::pin(async move {
