@@ -792,5 +792,19 @@ async fn the_openapi_document_describes_every_route() {
             "{path} missing from {paths:?}"
         );
     }
+    for (path, expect) in [
+        ("/healthz", "ok"),
+        ("/readyz", "postgres"),
+        ("/metrics", "keyfleet_build_info"),
+    ] {
+        let response = api
+            .http
+            .get(format!("{}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(response.text().await.unwrap().contains(expect), "{path}");
+    }
     env.cleanup().await;
 }

@@ -133,9 +133,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     v1().1
 }
 
+/// The API, plus `/metrics`, `/healthz` and `/readyz` as on every role.
 pub fn router(state: AppState) -> Router {
     let (routes, doc) = v1();
     let doc = Arc::new(doc);
+    let observe = crate::observe::router(crate::observe::Health {
+        store: state.store.clone(),
+        queue: state.queue.clone(),
+        claim_progress: None,
+    });
     routes
         .route(
             "/v1/openapi.json",
@@ -144,10 +150,11 @@ pub fn router(state: AppState) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+        .merge(observe)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
 }
 
 /// One structured line per request: method, route (not the raw path, which holds ids), status
