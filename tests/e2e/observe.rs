@@ -13,7 +13,7 @@ use crate::{
         TcpProxy, TestEnv, eventually, redis_url,
         sweeping::{LoggedProcess, spawn_logged, spawn_scheduler_with},
     },
-    support::{provision_many, redis_command, register, subscriptions},
+    support::{provision_many, register, subscriptions},
 };
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -23,8 +23,8 @@ const WITHIN: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    name: String,
+pub(crate) struct Sample {
+    pub(crate) name: String,
     labels: BTreeMap<String, String>,
     value: f64,
 }
@@ -112,9 +112,9 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
 }
 
 /// A parsed scrape.
-struct Scrape {
-    samples: Vec<Sample>,
-    text: String,
+pub(crate) struct Scrape {
+    pub(crate) samples: Vec<Sample>,
+    pub(crate) text: String,
 }
 
 impl Scrape {
@@ -153,7 +153,7 @@ impl Scrape {
     }
 }
 
-async fn get(url: &str) -> Result<(u16, String), reqwest::Error> {
+pub(crate) async fn get(url: &str) -> Result<(u16, String), reqwest::Error> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -163,7 +163,7 @@ async fn get(url: &str) -> Result<(u16, String), reqwest::Error> {
     Ok((status, response.text().await?))
 }
 
-async fn scrape(base: &str) -> Scrape {
+pub(crate) async fn scrape(base: &str) -> Scrape {
     let (status, text) = get(&format!("{base}/metrics"))
         .await
         .expect("/metrics answers");
@@ -551,11 +551,7 @@ async fn claimable_jobs_is_the_work_the_limits_allow_on_open_servers() {
     assert_eq!(claim_job().await.server, running);
     enqueue(limited, "limited", 5).await;
     enqueue(paused, "paused", 4).await;
-    redis_command(&[
-        "SADD",
-        &format!("{}:held", env.prefix),
-        &paused.0.to_string(),
-    ]);
+    env.queue.pause_server(paused).await.unwrap();
 
     let (mut scheduler, url) = metered_scheduler(&env, &[]);
     let scrape = scrape(&url).await;

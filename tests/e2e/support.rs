@@ -179,12 +179,12 @@ pub async fn wait_for_queue_done(env: &TestEnv, done: u64, within: Duration) -> 
 
 /// A field of a job's hash in Redis (`None` once the job is done and deleted).
 pub fn job_field(env: &TestEnv, job: JobId, field: &str) -> Option<String> {
-    redis_command(&["HGET", &format!("{}:job:{job}", env.prefix), field]).into_text()
+    redis_command(&["HGET", &env.queue.redis_key(&format!("job:{job}")), field]).into_text()
 }
 
 /// The ids in a server's ready list.
 pub fn ready_jobs(env: &TestEnv, server: ServerId) -> Vec<JobId> {
-    let key = format!("{}:ready:{}", env.prefix, server.0);
+    let key = env.queue.redis_key(&format!("ready:{}", server.0));
     redis_command(&["LRANGE", &key, "0", "-1"])
         .into_array()
         .into_iter()

@@ -307,7 +307,7 @@ async fn a_delayed_delete_does_not_destroy_a_renewed_key() {
         1,
     );
     let delete = producer.deprovision(&user).await.unwrap().jobs[0].job;
-    let delayed = format!("{}:delayed", t.env.prefix);
+    let delayed = t.env.queue.redis_key("delayed");
     eventually(PATIENCE, "the delete waiting to retry", || async {
         redis_command(&["ZSCORE", &delayed, &delete.to_string()])
             .into_text()
@@ -639,7 +639,7 @@ async fn a_redis_restored_from_an_old_snapshot_is_caught_by_the_first_fenced_wri
     let worker = Worker::spawn(&env, 8, &FAST);
     settle(&env, "the purchases").await;
     // The restore: the counter goes back to where it was long ago.
-    let fence_key = format!("{}:fence", env.prefix);
+    let fence_key = env.queue.redis_key("fence");
     redis_command(&["SET", &fence_key, "5"]);
     let producer = Producer::new(env.store.clone(), env.queue.clone());
     for s in &subs[..4] {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use keyfleet_core::{JobPayload, ServerId};
 use redis::{
-    Value,
+    Script, ScriptInvocation, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
@@ -339,8 +339,23 @@ impl Queue {
         &self.config
     }
 
-    fn key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.config.prefix)
+    /// The Redis key `{P}:suffix` of this queue. Every key shares the hash tag `{P}`, so all of a
+    /// queue's keys live in one cluster slot and each script's keys are on the node it runs on.
+    pub fn redis_key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.tag())
+    }
+
+    /// `{P}`: the hash tag, which the scripts receive as ARGV[1] and prepend to every key.
+    fn tag(&self) -> String {
+        format!("{{{}}}", self.config.prefix)
+    }
+
+    /// A call of `script`: KEYS[1] is `{P}:epoch`, which routes it to the slot of every key it
+    /// touches (on a cluster), and ARGV[1] is the tag `{P}`.
+    fn script<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut invocation = script.key(self.redis_key("epoch"));
+        invocation.arg(self.tag());
+        invocation
     }
 
     /// Enqueues a job in the normal lane unless the same operation is already queued or running.
@@ -370,9 +385,7 @@ impl Queue {
             return Err(Error::BadIdempotencyKey(idem.chars().take(40).collect()));
         }
         let reply: (String, i64) = self
-            .scripts
-            .enqueue
-            .arg(&self.config.prefix)
+            .script(&self.scripts.enqueue)
             .arg(idem)
             .arg(payload.to_json())
             .arg(payload.server().0)
@@ -403,7 +416,7 @@ impl Queue {
         if operations.is_empty() {
             return Ok(0);
         }
-        let mut invocation = self.scripts.cancel.arg(&self.config.prefix);
+        let mut invocation = self.script(&self.scripts.cancel);
         for op in operations {
             invocation.arg(op.idempotency_key());
         }
@@ -430,7 +443,7 @@ impl Queue {
         if limits.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.scripts.set_limit.arg(&self.config.prefix);
+        let mut invocation = self.script(&self.scripts.set_limit);
         for (server, limit) in limits {
             invocation.arg(server.0).arg(*limit);
         }
@@ -442,9 +455,7 @@ impl Queue {
     pub async fn claim(&self, worker: &str) -> Result<Claim> {
         let claimed_at = std::time::Instant::now();
         let reply: Vec<Value> = self
-            .scripts
-            .claim
-            .arg(&self.config.prefix)
+            .script(&self.scripts.claim)
             .arg(worker)
             .arg(self.config.lease.as_millis() as u64)
             .arg(self.probe_deadline().as_millis() as u64)
@@ -473,9 +484,7 @@ impl Queue {
     /// caller whose mark took effect.
     pub async fn mark_initialized(&self, epoch: i64) -> Result<bool> {
         let initialised: i64 = self
-            .scripts
-            .init
-            .arg(&self.config.prefix)
+            .script(&self.scripts.init)
             .arg(epoch)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -488,7 +497,7 @@ impl Queue {
         let current = self.current_fence().await?;
         if current < floor {
             let _: i64 = redis::cmd("INCRBY")
-                .arg(self.key("fence"))
+                .arg(self.redis_key("fence"))
                 .arg(floor - current)
                 .query_async(&mut self.conn.clone())
                 .await?;
@@ -499,7 +508,7 @@ impl Queue {
     /// The highest fence handed out so far (0 when Redis has none).
     pub async fn current_fence(&self) -> Result<i64> {
         let value: Option<i64> = redis::cmd("GET")
-            .arg(self.key("fence"))
+            .arg(self.redis_key("fence"))
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(value.unwrap_or(0))
@@ -542,13 +551,25 @@ impl Queue {
                     .to_owned(),
             );
         }
+        let legacy_epoch = format!("{}:epoch", self.config.prefix);
+        let legacy: Option<i64> = redis::cmd("EXISTS")
+            .arg(&legacy_epoch)
+            .query_async(&mut self.conn.clone())
+            .await
+            .ok();
+        if legacy == Some(1) {
+            let prefix = &self.config.prefix;
+            warnings.push(format!(
+                "Redis holds keys of keyfleet's layout before hash tags ({prefix}:*, now {{{prefix}}}:*): stop the older workers; their work is re-derived from Postgres; then delete the old keys (redis-cli --scan --pattern '{prefix}:*' | xargs redis-cli unlink)"
+            ));
+        }
         warnings
     }
 
     /// Whether `job` is still running under this attempt's fence (its lease is held).
     pub async fn is_current_attempt(&self, job: &ClaimedJob) -> Result<bool> {
         let (state, fence): (Option<String>, Option<i64>) = redis::cmd("HMGET")
-            .arg(self.key(&format!("job:{}", job.id)))
+            .arg(self.redis_key(&format!("job:{}", job.id)))
             .arg("state")
             .arg("fence")
             .query_async(&mut self.conn.clone())
@@ -559,7 +580,7 @@ impl Queue {
     /// Whether Redis holds keyfleet's state (a fence epoch); false after a data loss.
     pub async fn is_initialized(&self) -> Result<bool> {
         let exists: bool = redis::cmd("EXISTS")
-            .arg(self.key("epoch"))
+            .arg(self.redis_key("epoch"))
             .query_async(&mut self.conn.clone())
             .await?;
         Ok(exists)
@@ -568,9 +589,7 @@ impl Queue {
     /// Ends a health probe that a claim handed out ([`Claim::Probe`]).
     pub async fn probe_result(&self, server: ServerId, healthy: bool) -> Result<ProbeOutcome> {
         let reply: i64 = self
-            .scripts
-            .probe_result
-            .arg(&self.config.prefix)
+            .script(&self.scripts.probe_result)
             .arg(server.0)
             .arg(u8::from(healthy))
             .arg(self.config.breaker_cooldown_cap.as_millis() as u64)
@@ -595,9 +614,7 @@ impl Queue {
         let mut dropped = 0;
         loop {
             let n: u64 = self
-                .scripts
-                .trim_dead
-                .arg(&self.config.prefix)
+                .script(&self.scripts.trim_dead)
                 .arg(cutoff)
                 .arg(keep)
                 .arg(TRIM_BATCH)
@@ -614,7 +631,7 @@ impl Queue {
     pub async fn discard(&self, ids: &[JobId]) -> Result<Vec<JobId>> {
         let mut discarded = Vec::new();
         for chunk in ids.chunks(500) {
-            let mut invocation = self.scripts.discard.arg(&self.config.prefix);
+            let mut invocation = self.script(&self.scripts.discard);
             for id in chunk {
                 invocation.arg(id.0);
             }
@@ -651,9 +668,7 @@ impl Queue {
             Finish::Requeue { error } => ("requeue", Duration::ZERO, error.as_str(), false),
         };
         let (reply, event): (i64, i64) = self
-            .scripts
-            .finish
-            .arg(&self.config.prefix)
+            .script(&self.scripts.finish)
             .arg(job.id.0)
             .arg(job.fence)
             .arg(outcome)
@@ -692,7 +707,7 @@ impl Queue {
         if held.is_empty() {
             return Ok(vec![]);
         }
-        let mut invocation = self.scripts.heartbeat.arg(&self.config.prefix);
+        let mut invocation = self.script(&self.scripts.heartbeat);
         invocation.arg(self.config.lease.as_millis() as u64);
         for (id, fence) in held {
             invocation.arg(id.0).arg(*fence);
@@ -708,9 +723,7 @@ impl Queue {
     /// ran out of attempts and were dead-lettered.
     pub async fn reap_expired(&self, max: u32) -> Result<(u64, Vec<BuriedJob>)> {
         let reply: Vec<Value> = self
-            .scripts
-            .reap
-            .arg(&self.config.prefix)
+            .script(&self.scripts.reap)
             .arg(max)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -736,17 +749,17 @@ impl Queue {
     pub async fn stats(&self) -> Result<QueueStats> {
         let mut conn = self.conn.clone();
         let servers: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.key("servers"))
+            .arg(self.redis_key("servers"))
             .query_async(&mut conn)
             .await?;
         let mut pipe = redis::pipe();
         for s in &servers {
-            pipe.cmd("HGET").arg(self.key("nready")).arg(s);
+            pipe.cmd("HGET").arg(self.redis_key("nready")).arg(s);
         }
-        pipe.cmd("ZCARD").arg(self.key("leases"));
-        pipe.cmd("ZCARD").arg(self.key("delayed"));
-        pipe.cmd("ZCARD").arg(self.key("dead"));
-        pipe.cmd("HGET").arg(self.key("counters")).arg("done");
+        pipe.cmd("ZCARD").arg(self.redis_key("leases"));
+        pipe.cmd("ZCARD").arg(self.redis_key("delayed"));
+        pipe.cmd("ZCARD").arg(self.redis_key("dead"));
+        pipe.cmd("HGET").arg(self.redis_key("counters")).arg("done");
         let counts: Vec<Option<u64>> = pipe.query_async(&mut conn).await?;
         let n = servers.len();
         Ok(QueueStats {
@@ -762,9 +775,7 @@ impl Queue {
     /// O(servers): one script, no backlog scan.
     pub async fn server_stats(&self) -> Result<Vec<ServerQueueStats>> {
         let rows: Vec<ServerStatsRow> = self
-            .scripts
-            .server_stats
-            .arg(&self.config.prefix)
+            .script(&self.scripts.server_stats)
             .invoke_async(&mut self.conn.clone())
             .await?;
         let mut stats = rows
@@ -809,9 +820,7 @@ impl Queue {
 
     async fn hold(&self, server: ServerId, pause: bool) -> Result<bool> {
         let changed: i64 = self
-            .scripts
-            .hold
-            .arg(&self.config.prefix)
+            .script(&self.scripts.hold)
             .arg(server.0)
             .arg(u8::from(pause))
             .invoke_async(&mut self.conn.clone())
@@ -822,7 +831,7 @@ impl Queue {
     /// Servers paused by an operator.
     pub async fn paused_servers(&self) -> Result<Vec<ServerId>> {
         let mut held: Vec<i64> = redis::cmd("SMEMBERS")
-            .arg(self.key("held"))
+            .arg(self.redis_key("held"))
             .query_async(&mut self.conn.clone())
             .await?;
         held.sort_unstable();
@@ -833,7 +842,7 @@ impl Queue {
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
         let mut conn = self.conn.clone();
         let ids: Vec<(u64, i64)> = redis::cmd("ZREVRANGE")
-            .arg(self.key("dead"))
+            .arg(self.redis_key("dead"))
             .arg(0)
             .arg(limit.saturating_sub(1))
             .arg("WITHSCORES")
@@ -845,7 +854,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         for (id, _) in &ids {
             pipe.cmd("HMGET")
-                .arg(self.key(&format!("job:{id}")))
+                .arg(self.redis_key(&format!("job:{id}")))
                 .arg(&["server", "kind", "payload", "attempts", "error"]);
         }
         let fields: Vec<DeadFields> = pipe.query_async(&mut conn).await?;
@@ -872,7 +881,7 @@ impl Queue {
     pub async fn replay(&self, ids: &[JobId]) -> Result<Vec<(JobId, ReplayOutcome)>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let mut invocation = self.scripts.replay.arg(&self.config.prefix);
+            let mut invocation = self.script(&self.scripts.replay);
             for id in chunk {
                 invocation.arg(id.0);
             }
@@ -892,7 +901,7 @@ impl Queue {
     /// Claimed jobs per server right now (what the limits bound).
     pub async fn in_flight(&self) -> Result<Vec<(ServerId, i64)>> {
         let map: std::collections::HashMap<i64, i64> = redis::cmd("HGETALL")
-            .arg(self.key("inflight"))
+            .arg(self.redis_key("inflight"))
             .query_async(&mut self.conn.clone())
             .await?;
         let mut v: Vec<(ServerId, i64)> = map.into_iter().map(|(s, n)| (ServerId(s), n)).collect();
@@ -909,7 +918,7 @@ impl Queue {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{}:*", escape_glob(&self.config.prefix)))
+                .arg(format!("{}:*", escape_glob(&self.tag())))
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)
@@ -928,7 +937,7 @@ impl Queue {
     }
 
     pub(crate) fn wake_channel(&self) -> String {
-        self.key("wake")
+        self.redis_key("wake")
     }
 
     pub(crate) fn client(&self) -> &redis::Client {

@@ -538,15 +538,14 @@ async fn jobs_queued_by_a_version_without_ready_counts_stay_claimable() {
     q.enqueue(&create(1, "old")).await.unwrap();
     q.enqueue(&create(1, "older")).await.unwrap();
     // What an older keyfleet left in Redis: the job in its ready list, no count, no epoch.
-    let prefix = q.config().prefix.clone();
     let mut conn = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
     let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}:nready"))
-        .arg(format!("{prefix}:epoch"))
+        .arg(q.redis_key("nready"))
+        .arg(q.redis_key("epoch"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -702,10 +701,24 @@ async fn settings_that_lose_work_are_named_at_start_up() {
         &dir,
     ])
     .await;
-    assert_eq!(
-        right.queue().settings_warnings().await,
-        Vec::<String>::new()
-    );
+    let queue = right.queue();
+    assert_eq!(queue.settings_warnings().await, Vec::<String>::new());
+    // Keys an older keyfleet wrote before the hash tags.
+    let legacy = format!("{}:epoch", queue.config().prefix);
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", right.1))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&legacy)
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let warnings = queue.settings_warnings().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("before hash tags"), "{warnings:?}");
     drop(right);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -764,7 +777,7 @@ async fn zset_servers(
 }
 
 fn key(q: &Queue, suffix: &str) -> String {
-    format!("{}:{suffix}", q.config().prefix)
+    q.redis_key(suffix)
 }
 
 /// `server_stats()` worked out the slow way: every ready list, the delayed, dead and lease sets

@@ -1,5 +1,7 @@
--- Shared helpers, prepended to every keyfleet script. ARGV[1] is the key prefix.
--- Keys (P = prefix):
+-- Shared helpers, prepended to every keyfleet script. ARGV[1] is P, the hash tag `{prefix}`, and
+-- KEYS[1] is P:epoch: every key below starts with P, so all of them share one cluster slot, and
+-- the declared key routes the script to it.
+-- Keys:
 --   P:epoch        the fence epoch Postgres handed out; absent = Redis lost keyfleet's state
 --   P:fence        the monotonic fence counter (raised past every earlier epoch at init);  P:seq  job ids
 --   P:job:<id>     hash: payload server kind max attempts tries fence state worker error idem lock enqueued_at
