@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod deploy;
 mod guarantees;
 mod harness;
 mod observe;
