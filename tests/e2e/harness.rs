@@ -7,7 +7,7 @@ use std::{
 };
 
 use keyfleet_fakevpn::FakeServer;
-use keyfleet_queue::{Queue, QueueConfig};
+use keyfleet_queue::{Queue, QueueConfig, RedisMode};
 use keyfleet_store::Store;
 
 pub fn base_database_url() -> String {
@@ -22,6 +22,9 @@ pub fn redis_url() -> String {
 pub struct TestEnv {
     pub database: String,
     pub database_url: String,
+    /// `REDIS_URL` (seed nodes, comma-separated, on a cluster) and `KEYFLEET_REDIS_MODE`.
+    pub redis_url: String,
+    pub redis_mode: RedisMode,
     pub prefix: String,
     pub store: Store,
     pub queue: Queue,
@@ -29,6 +32,12 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new() -> Self {
+        Self::on_redis(&redis_url(), RedisMode::Standalone, new_prefix()).await
+    }
+
+    /// An environment whose queue, under `prefix`, lives on this Redis (or cluster), for the
+    /// test and every process it starts.
+    pub async fn on_redis(redis_url: &str, redis_mode: RedisMode, prefix: String) -> Self {
         let database = format!("kf_test_{}", uuid::Uuid::new_v4().simple());
         let admin = Store::connect(&base_database_url(), 1)
             .await
@@ -42,14 +51,17 @@ impl TestEnv {
         let database_url = url.to_string();
         let store = Store::connect(&database_url, 4).await.unwrap();
         store.migrate().await.unwrap();
-        let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
-        let queue = Queue::connect(&redis_url(), QueueConfig::new(&prefix)).unwrap();
+        let mut config = QueueConfig::new(&prefix);
+        config.mode = redis_mode;
+        let queue = Queue::connect(redis_url, config).unwrap();
         // As a keyfleet process would on first use: fences from an epoch Postgres handed out.
         let epoch = store.next_fence_epoch().await.unwrap();
         queue.initialize(epoch).await.unwrap();
         Self {
             database,
             database_url,
+            redis_url: redis_url.to_owned(),
+            redis_mode,
             prefix,
             store,
             queue,
@@ -60,7 +72,14 @@ impl TestEnv {
     pub fn keyfleet(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
         cmd.env("DATABASE_URL", &self.database_url)
-            .env("REDIS_URL", redis_url())
+            .env("REDIS_URL", &self.redis_url)
+            .env(
+                "KEYFLEET_REDIS_MODE",
+                match self.redis_mode {
+                    RedisMode::Standalone => "standalone",
+                    RedisMode::Cluster => "cluster",
+                },
+            )
             .env("KEYFLEET_REDIS_PREFIX", &self.prefix)
             .env("RUST_LOG", "warn");
         cmd
@@ -129,6 +148,11 @@ impl TestEnv {
             .await
             .unwrap();
     }
+}
+
+/// A key prefix no other test uses.
+pub fn new_prefix() -> String {
+    format!("kftest:{}", uuid::Uuid::new_v4().simple())
 }
 
 /// A worker process, killed if the test ends without stopping it.
@@ -510,6 +534,98 @@ pub mod chaos {
             let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+
+    /// A Redis Cluster of this test only: `n` primaries on free loopback ports, the slots spread
+    /// over them by `redis-cli --cluster create`, nothing on disk but each node's cluster file.
+    pub struct RedisCluster {
+        nodes: Vec<Child>,
+        pub ports: Vec<u16>,
+        dir: std::path::PathBuf,
+    }
+
+    impl RedisCluster {
+        pub async fn start(n: usize) -> Self {
+            let dir = std::env::temp_dir()
+                .join("keyfleet-e2e")
+                .join(format!("cluster-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+            let nodes = ports
+                .iter()
+                .map(|port| {
+                    Command::new("redis-server")
+                        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                        .args(["--cluster-enabled", "yes", "--dir", dir.to_str().unwrap()])
+                        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                        .args(["--save", "", "--appendonly", "no"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("redis-server starts (is it installed?)")
+                })
+                .collect();
+            let cluster = Self { nodes, ports, dir };
+            for port in &cluster.ports {
+                eventually(
+                    Duration::from_secs(10),
+                    "a cluster node answering",
+                    || async { cluster.cli(*port, &["PING"]).contains("PONG").then_some(()) },
+                )
+                .await;
+            }
+            let addresses: Vec<String> = cluster
+                .ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            let created = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addresses)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("redis-cli runs");
+            assert!(
+                created.status.success(),
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&created.stdout)
+            );
+            for port in &cluster.ports {
+                eventually(Duration::from_secs(20), "the cluster to be ok", || async {
+                    cluster
+                        .cli(*port, &["CLUSTER", "INFO"])
+                        .contains("cluster_state:ok")
+                        .then_some(())
+                })
+                .await;
+            }
+            cluster
+        }
+
+        /// What `redis-cli -p PORT ARGS…` printed (errors included: a MOVED reply is an answer).
+        pub fn cli(&self, port: u16, args: &[&str]) -> String {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli runs");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// `REDIS_URL` naming only the first node: the client must find the others itself.
+        pub fn seed_url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.ports[0])
+        }
+    }
+
+    impl Drop for RedisCluster {
+        fn drop(&mut self) {
+            for node in &mut self.nodes {
+                let _ = node.kill();
+                let _ = node.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -8,6 +8,7 @@
 //! job's current one changes nothing.
 
 mod backend;
+mod conn;
 mod leases;
 mod retry;
 mod scripts;
@@ -15,13 +16,12 @@ mod wake;
 
 use std::time::Duration;
 
+use conn::Conn;
 use keyfleet_core::{JobPayload, ServerId};
-use redis::{
-    Script, ScriptInvocation, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::{Script, ScriptInvocation, Value};
 
 pub use backend::{ClaimHooks, QueueBackend};
+pub use conn::RedisMode;
 pub use leases::{LEASES_REAPED_METRIC, LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
@@ -31,10 +31,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid REDIS_URL {url:?}: {source}")]
+    #[error("invalid REDIS_URL {url:?}: {problem}")]
     BadUrl {
+        /// Without its password.
         url: String,
-        source: redis::RedisError,
+        problem: String,
     },
     #[error("invalid key prefix {0:?}: use 1-64 letters, digits, '-', '_', '.' or ':'")]
     BadPrefix(String),
@@ -99,6 +100,8 @@ pub struct QueueConfig {
     pub dead_max_age: Option<Duration>,
     /// At most this many dead jobs are kept; the oldest go first.
     pub dead_max_count: Option<u64>,
+    /// A standalone Redis, or a cluster (the URL then lists seed nodes).
+    pub mode: RedisMode,
 }
 
 impl QueueConfig {
@@ -112,6 +115,7 @@ impl QueueConfig {
             breaker_cooldown_cap: Duration::from_secs(300),
             dead_max_age: Some(Duration::from_secs(30 * 24 * 3600)),
             dead_max_count: Some(100_000),
+            mode: RedisMode::Standalone,
         }
     }
 }
@@ -308,7 +312,7 @@ pub const FENCE_EPOCH_SHIFT: u32 = 40;
 #[derive(Clone)]
 pub struct Queue {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     config: QueueConfig,
     scripts: &'static Scripts,
 }
@@ -317,16 +321,7 @@ impl Queue {
     /// Connects lazily: an unreachable Redis is retried by each call, it does not fail start-up.
     pub fn connect(redis_url: &str, config: QueueConfig) -> Result<Self> {
         validate_prefix(&config.prefix)?;
-        let client = redis::Client::open(redis_url).map_err(|source| Error::BadUrl {
-            url: redis_url.to_owned(),
-            source,
-        })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)?;
+        let (conn, client) = conn::connect(redis_url, config.mode)?;
         Ok(Self {
             client,
             conn,
@@ -911,25 +906,17 @@ impl Queue {
 
     /// Deletes every key under this queue's prefix (tests and the demo start from nothing).
     pub async fn purge(&self) -> Result<u64> {
-        let mut conn = self.conn.clone();
-        let mut cursor = 0u64;
+        let mut cursor = "0".to_owned();
         let mut deleted = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}:*", escape_glob(&self.tag())))
-                .arg("COUNT")
+            let (next, n): (String, u64) = self
+                .script(&self.scripts.purge)
+                .arg(&cursor)
                 .arg(1000)
-                .query_async(&mut conn)
+                .invoke_async(&mut self.conn.clone())
                 .await?;
-            if !keys.is_empty() {
-                deleted += redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async::<u64>(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
+            deleted += n;
+            if next == "0" {
                 return Ok(deleted);
             }
             cursor = next;
@@ -956,18 +943,6 @@ fn validate_prefix(prefix: &str) -> Result<()> {
     } else {
         Err(Error::BadPrefix(prefix.to_owned()))
     }
-}
-
-fn escape_glob(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            if "*?[]\\".contains(c) {
-                vec!['\\', c]
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 const TRIM_BATCH: u64 = 1000;

@@ -18,6 +18,7 @@ pub(crate) struct Scripts {
     pub discard: Script,
     pub server_stats: Script,
     pub hold: Script,
+    pub purge: Script,
 }
 
 macro_rules! script {
@@ -48,6 +49,7 @@ impl Scripts {
             discard: script!("discard.lua"),
             server_stats: script!("server_stats.lua"),
             hold: script!("hold.lua"),
+            purge: script!("purge.lua"),
         })
     }
 }

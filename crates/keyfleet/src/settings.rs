@@ -4,13 +4,14 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, anyhow, bail};
-use keyfleet_queue::QueueConfig;
+use keyfleet_queue::{QueueConfig, RedisMode};
 
 #[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
+    pub redis_mode: RedisMode,
     /// How long a claimed job is leased without a heartbeat (KEYFLEET_LEASE_MS).
     pub lease: Duration,
     /// Retry back-off base and cap (KEYFLEET_RETRY_BASE_MS, KEYFLEET_RETRY_CAP_MS).
@@ -45,6 +46,7 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("redis_prefix", &self.redis_prefix)
+            .field("redis_mode", &self.redis_mode)
             .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
@@ -58,6 +60,7 @@ pub const ENV_VARS: &[&str] = &[
     "REDIS_URL",
     "REDIS_URL_FILE",
     "KEYFLEET_REDIS_PREFIX",
+    "KEYFLEET_REDIS_MODE",
     "KEYFLEET_KEY_NAMESPACE",
     "KEYFLEET_LEASE_MS",
     "KEYFLEET_RETRY_BASE_MS",
@@ -139,6 +142,12 @@ impl Settings {
             database_url,
             redis_url,
             redis_prefix: text("KEYFLEET_REDIS_PREFIX", DEFAULT_REDIS_PREFIX),
+            redis_mode: {
+                let raw = text("KEYFLEET_REDIS_MODE", "standalone");
+                RedisMode::parse(raw.trim()).with_context(|| {
+                    format!("KEYFLEET_REDIS_MODE={raw:?}: use standalone or cluster")
+                })?
+            },
             lease: millis("KEYFLEET_LEASE_MS", 15_000, 100, 600_000)?,
             retry_base: millis("KEYFLEET_RETRY_BASE_MS", 500, 1, 600_000)?,
             retry_cap: millis("KEYFLEET_RETRY_CAP_MS", 60_000, 1, 3_600_000)?,
@@ -183,13 +192,22 @@ impl Settings {
                 describe_url(&settings.database_url)
             );
         }
-        if !settings.redis_url.starts_with("redis://")
-            && !settings.redis_url.starts_with("rediss://")
-        {
-            bail!(
-                "{redis_source} must be a redis:// URL, got {}",
-                describe_url(&settings.redis_url)
-            );
+        let redis_urls: Vec<&str> = match settings.redis_mode {
+            RedisMode::Standalone => vec![settings.redis_url.as_str()],
+            RedisMode::Cluster => settings.redis_url.split(',').map(str::trim).collect(),
+        };
+        for url in redis_urls {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                bail!(
+                    "{redis_source} must be a redis:// URL{}, got {}",
+                    if settings.redis_mode == RedisMode::Cluster {
+                        " (or several, comma-separated, with KEYFLEET_REDIS_MODE=cluster)"
+                    } else {
+                        ""
+                    },
+                    describe_url(url)
+                );
+            }
         }
         if settings.breaker_cooldown_cap < settings.breaker_cooldown {
             bail!(
@@ -211,6 +229,7 @@ impl Settings {
 
     pub fn queue_config(&self) -> QueueConfig {
         let mut config = QueueConfig::new(&self.redis_prefix);
+        config.mode = self.redis_mode;
         config.lease = self.lease;
         config.breaker_threshold = self.breaker_threshold;
         config.breaker_cooldown = self.breaker_cooldown;
@@ -383,6 +402,34 @@ mod tests {
             assert!(err.contains(part), "{err:?} should say {part:?}");
         }
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn cluster_mode_takes_a_list_of_seed_nodes_and_checks_each() {
+        let s = with(&[
+            ("KEYFLEET_REDIS_MODE", "cluster"),
+            (
+                "REDIS_URL",
+                "redis://:hunter2@a:6379, redis://:hunter2@b:6379",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.queue_config().mode, RedisMode::Cluster);
+        assert_eq!(with(&[]).unwrap().redis_mode, RedisMode::Standalone);
+        refused(
+            &[
+                ("KEYFLEET_REDIS_MODE", "cluster"),
+                (
+                    "REDIS_URL",
+                    "redis://:hunter2@a:6379,http://:hunter2@b:6379",
+                ),
+            ],
+            &["REDIS_URL must be a redis:// URL (or several", "http://"],
+        );
+        refused(
+            &[("KEYFLEET_REDIS_MODE", "sentinel")],
+            &["KEYFLEET_REDIS_MODE=\"sentinel\": use standalone or cluster"],
+        );
     }
 
     #[test]
