@@ -34,8 +34,10 @@ demo:
 up:
     docker compose -f deploy/compose.yaml up --build
 
-# Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis, then sweeps
-# and write-back against the naive way (needs Postgres and Redis on localhost).
+# Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis, sweeps and
+# write-back against the naive way, then purchase latency through the API against the requests it
+# cannot avoid (needs Postgres and Redis on localhost).
 bench:
     cargo bench -p keyfleet --bench queue
     cargo bench -p keyfleet --bench sweeps
+    cargo bench -p keyfleet --bench purchase
