@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{Error, KeyWrite, Result, Store, WriteOutcome};
 
@@ -39,6 +39,7 @@ type Pending = (KeyWrite, oneshot::Sender<Result<WriteOutcome>>);
 #[derive(Clone)]
 pub struct WriteBack {
     tx: mpsc::Sender<Pending>,
+    recount: Arc<Notify>,
 }
 
 impl WriteBack {
@@ -54,8 +55,16 @@ impl WriteBack {
         contributors: Option<Contributors>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        let task = tokio::spawn(run(store, config, contributors, rx));
-        (Self { tx }, task)
+        let recount = Arc::new(Notify::new());
+        let task = tokio::spawn(run(store, config, contributors, rx, recount.clone()));
+        (Self { tx, recount }, task)
+    }
+
+    /// Says that the number of contributors may have dropped (a job ended without a write, or
+    /// after its write was committed): a waiting batch whose every remaining contributor is now
+    /// in it is flushed at once instead of at the end of its window.
+    pub fn recount(&self) {
+        self.recount.notify_one();
     }
 
     /// Queues a result and waits until it is committed; the outcome says whether it was applied,
@@ -81,6 +90,7 @@ async fn run(
     config: WriteBackConfig,
     contributors: Option<Contributors>,
     mut rx: mpsc::Receiver<Pending>,
+    recount: Arc<Notify>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(config.max_batch);
     while let Some(first) = rx.recv().await {
@@ -93,9 +103,13 @@ async fn run(
             {
                 break;
             }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(next)) => batch.push(next),
-                Ok(None) | Err(_) => break,
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(next) => batch.push(next),
+                    None => break,
+                },
+                () = recount.notified() => {}
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         flush(&store, &config, &mut batch).await;

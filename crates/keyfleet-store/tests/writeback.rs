@@ -844,3 +844,47 @@ async fn outcomes_say_why_a_result_was_not_applied() {
     task.await.unwrap();
     db.cleanup().await;
 }
+
+/// A batch waiting for a contributor that then ends without adding to it (its job finished, or
+/// wrote in an earlier batch) is flushed on `recount`, not at the end of its window: a purchase's
+/// last keys are not held back by a job that is already gone.
+#[tokio::test]
+async fn a_recount_flushes_a_batch_whose_other_contributors_are_gone() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let db = Db::new().await;
+    let server = db.add_server("v1").await;
+    let subs = db.pending_keys(server, 1).await;
+    let held = Arc::new(AtomicUsize::new(2));
+    let counted = held.clone();
+    let (writeback, task) = WriteBack::spawn_with(
+        db.store.clone(),
+        WriteBackConfig {
+            max_batch: 500,
+            max_delay: Duration::from_secs(600),
+            retry_delay: Duration::from_millis(20),
+        },
+        Some(Arc::new(move || counted.load(Ordering::SeqCst))),
+    );
+    let outcome = {
+        let write = writeback.write(created(&subs[0], server, 1, "id-0"));
+        tokio::pin!(write);
+        // Two jobs held, one result in: the batch waits for the other (its window is ten minutes).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut write)
+                .await
+                .is_err()
+        );
+        held.store(1, Ordering::SeqCst);
+        writeback.recount();
+        tokio::time::timeout(Duration::from_secs(30), write)
+            .await
+            .expect("flushed on the recount, not at the end of its window")
+            .unwrap()
+    };
+    assert_eq!(outcome, WriteOutcome::Applied);
+    assert_eq!(db.key(&subs[0], server).await.state, "active");
+    drop(writeback);
+    task.await.unwrap();
+    db.cleanup().await;
+}

@@ -93,6 +93,9 @@ impl Executor {
             Finish::Release => {}
         }
         let recorded = self.record(job, &finish).await;
+        // This job no longer counts as one that may still add to a write-back batch.
+        drop(lease);
+        self.writeback.recount();
         if let (Finish::Done, Some((FinishResult::Applied, _))) = (&finish, recorded) {
             metrics::histogram!(observe::JOB_LATENCY_METRIC, "kind" => kind)
                 .record(observe::seconds_since(job.enqueued_at_ms));
