@@ -84,12 +84,12 @@ impl Api {
 }
 
 /// `keyfleet token create` as an operator runs it: the token is the last line of stdout.
-fn token(env: &TestEnv, name: &str, role: &str) -> String {
+pub(crate) fn token(env: &TestEnv, name: &str, role: &str) -> String {
     let out = env.ok(&["token", "create", "--name", name, "--role", role]);
     out.lines().last().unwrap().trim().to_owned()
 }
 
-async fn fleet(v2ray: usize, outline: usize, latency: Latency) -> FakeFleet {
+pub(crate) async fn fleet(v2ray: usize, outline: usize, latency: Latency) -> FakeFleet {
     FakeFleet::start(v2ray, outline, |kind, _| FakeServerConfig {
         latency: latency.clone(),
         ..FakeServerConfig::new(kind)
@@ -98,7 +98,7 @@ async fn fleet(v2ray: usize, outline: usize, latency: Latency) -> FakeFleet {
     .unwrap()
 }
 
-fn register(env: &TestEnv, fleet: &FakeFleet, max_in_flight: u32) {
+pub(crate) fn register(env: &TestEnv, fleet: &FakeFleet, max_in_flight: u32) {
     for (i, fake) in fleet.servers.iter().enumerate() {
         env.add_server(&format!("s{i}"), fake, max_in_flight);
     }

@@ -2,6 +2,7 @@
 //! fake VPN fleet. Each test gets its own database and Redis key prefix.
 
 mod api;
+mod browser;
 mod cli;
 mod cluster;
 mod deploy;
@@ -14,3 +15,4 @@ mod retries;
 mod support;
 mod sweeps;
 mod trust;
+mod ui;

@@ -12,6 +12,7 @@ mod conn;
 mod leases;
 mod retry;
 mod scripts;
+mod stats;
 mod wake;
 
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub use conn::RedisMode;
 pub use leases::{LEASES_REAPED_METRIC, LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
+pub use stats::STATS_KEEP_MINUTES;
 pub use wake::WakeSignal;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -23,7 +23,7 @@ pub use intent::DeleteIntent;
 pub use keys::{KeyRow, KeyStatus, KeyWrite, LatencyStats, ServerKeyCount, WriteOutcome};
 pub use servers::{NewServer, Server, ServerChange};
 pub use subscriptions::{KeyDetail, ProvisionPlan, StoredReceipt, SubscriptionKeys};
-pub use sweeps::{StoredKey, TrafficKind, TrafficOutcome};
+pub use sweeps::{StoredKey, SweepTick, TickFindings, TrafficKind, TrafficOutcome};
 pub use tokens::{ApiToken, TokenOwner};
 pub use writeback::{
     Contributors, WRITEBACK_BATCH_ROWS_METRIC, WRITEBACK_COMMIT_METRIC, WriteBack, WriteBackConfig,

@@ -1,7 +1,7 @@
 //! What the sweeps read and record: deprovision and expiry (keys to delete), stale configs,
 //! the per-server view reconcile diffs against, traffic totals, and once-per-tick claims.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use keyfleet_core::{ServerId, SubscriptionId};
@@ -24,6 +24,27 @@ impl StoredKey {
     pub fn wanted(&self) -> bool {
         matches!(self.state.as_str(), "pending" | "active" | "failed")
     }
+}
+
+/// What a sweep tick found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickFindings {
+    /// Server name → jobs found to do there.
+    pub jobs: BTreeMap<String, u64>,
+    /// Of those, how many were new.
+    pub enqueued: u64,
+    pub cancelled: u64,
+    pub duration_ms: u64,
+}
+
+/// A fired tick of a sweep; `findings` is `None` for ticks fired before they were recorded.
+#[derive(Debug, Clone)]
+pub struct SweepTick {
+    pub sweep: String,
+    pub tick_at: DateTime<Utc>,
+    pub fired_by: String,
+    pub fired_at: DateTime<Utc>,
+    pub findings: Option<TickFindings>,
 }
 
 /// What recording a traffic reading did.
@@ -295,6 +316,68 @@ impl Store {
         .fetch_optional(&mut **tx)
         .await?;
         Ok(row.is_some())
+    }
+
+    /// Records, inside the claiming `tx`, what the tick's sweep found (server name → jobs), how
+    /// many of those jobs were new, how many it cancelled and how long it took.
+    pub async fn record_tick(
+        &self,
+        tx: &mut crate::Transaction,
+        sweep: &str,
+        tick_at: DateTime<Utc>,
+        findings: &TickFindings,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE sweep_ticks SET jobs = $3, enqueued = $4, cancelled = $5, duration_ms = $6
+             WHERE sweep = $1 AND tick_at = $2",
+        )
+        .bind(sweep)
+        .bind(tick_at)
+        .bind(sqlx::types::Json(&findings.jobs))
+        .bind(i32::try_from(findings.enqueued).unwrap_or(i32::MAX))
+        .bind(i64::try_from(findings.cancelled).unwrap_or(i64::MAX))
+        .bind(i32::try_from(findings.duration_ms).unwrap_or(i32::MAX))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `per_sweep` ticks of every sweep, newest first within each sweep.
+    pub async fn recent_ticks(&self, per_sweep: i64) -> Result<Vec<SweepTick>> {
+        let rows = sqlx::query(
+            "SELECT sweep, tick_at, fired_by, fired_at, jobs, enqueued, cancelled, duration_ms
+             FROM (SELECT *, row_number() OVER (PARTITION BY sweep ORDER BY fired_at DESC) AS n
+                   FROM sweep_ticks) t
+             WHERE n <= $1 ORDER BY sweep, fired_at DESC",
+        )
+        .bind(per_sweep)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let jobs: Option<sqlx::types::Json<BTreeMap<String, u64>>> = row.try_get("jobs")?;
+                let enqueued: Option<i32> = row.try_get("enqueued")?;
+                let cancelled: Option<i64> = row.try_get("cancelled")?;
+                let duration_ms: Option<i32> = row.try_get("duration_ms")?;
+                Ok(SweepTick {
+                    sweep: row.try_get("sweep")?,
+                    tick_at: row.try_get("tick_at")?,
+                    fired_by: row.try_get("fired_by")?,
+                    fired_at: row.try_get("fired_at")?,
+                    findings: match (jobs, enqueued, cancelled, duration_ms) {
+                        (Some(jobs), Some(enqueued), Some(cancelled), Some(duration_ms)) => {
+                            Some(TickFindings {
+                                jobs: jobs.0,
+                                enqueued: enqueued.max(0) as u64,
+                                cancelled: cancelled.max(0) as u64,
+                                duration_ms: duration_ms.max(0) as u64,
+                            })
+                        }
+                        _ => None,
+                    },
+                })
+            })
+            .collect()
     }
 
     /// The latest tick of a sweep that fired, if any.

@@ -43,9 +43,20 @@ pub struct DemoOptions {
     /// Give up if the keys are not all in Postgres after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Then leave the dashboard (`/ui`) up on the demo's data, with its fleet and workers
+    /// running, until Ctrl-C; prints the dashboard's URL and an admin token for it.
+    #[arg(long)]
+    pub serve: bool,
+    /// Where `--serve` listens (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "serve")]
+    pub listen: std::net::SocketAddr,
 }
 
-pub async fn run(settings: Settings, options: DemoOptions) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    options: DemoOptions,
+    shutdown: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         options
             .database
@@ -159,6 +170,10 @@ pub async fn run(settings: Settings, options: DemoOptions) -> anyhow::Result<()>
         receipt?;
     }
     let elapsed = started.elapsed();
+    if options.serve {
+        println!("{}", summarise(&store, &fleet, &names).await?);
+        serve(&settings, &store, options.listen, shutdown).await?;
+    }
     let _ = stop_tx.send(true);
     for w in workers {
         w.await??;
@@ -188,6 +203,39 @@ pub async fn run(settings: Settings, options: DemoOptions) -> anyhow::Result<()>
         }
         Ok(_) => Ok(()),
     }
+}
+
+/// `--serve`: the API and dashboard on the demo's database and Redis prefix, with an admin token
+/// made for it, until `shutdown` resolves (Ctrl-C).
+async fn serve(
+    settings: &Settings,
+    store: &Store,
+    listen: std::net::SocketAddr,
+    shutdown: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+) -> anyhow::Result<()> {
+    let shutdown = shutdown.context("--serve runs until a signal, which was not set up")?;
+    let (token, digest) = crate::api::auth::new_token();
+    store.create_token("demo-admin", "admin", &digest).await?;
+    let listener = crate::api::bind(listen).await?;
+    let bound = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "Dashboard: http://{bound}/ui  (the demo's data; Ctrl-C stops it)"
+        )?;
+        writeln!(out, "Admin token for it (demo only, shown once):")?;
+        writeln!(out, "{token}")?;
+        out.flush()?;
+    }
+    crate::api::serve_on(
+        settings.clone(),
+        crate::api::ApiOptions::default(),
+        listener,
+        shutdown,
+    )
+    .await
 }
 
 /// Drops and recreates `database` on the server of `database_url`; returns the URL to it.

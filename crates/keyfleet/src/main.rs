@@ -261,7 +261,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let long_running = matches!(
         cli.command,
         Command::Worker { .. } | Command::Scheduler { .. } | Command::Api { .. }
-    );
+    ) || matches!(&cli.command, Command::Demo(o) if o.serve);
     let shutdown = long_running.then(shutdown_signal);
     let settings = Settings::from_env()?;
     settings.apply_process_wide()?;
@@ -463,7 +463,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?;
         }
         Command::Token(command) => token_command(settings, command).await?,
-        Command::Demo(options) => demo::run(settings, options).await?,
+        Command::Demo(options) => demo::run(settings, options, shutdown).await?,
     }
     Ok(())
 }

@@ -144,6 +144,19 @@ impl Scheduler {
         )
         .await?;
         tracing::info!(sweep = sweep.name(), %tick, jobs = report.jobs.values().sum::<usize>(), enqueued = report.enqueued, "Sweep fired.");
+        let findings = keyfleet_store::TickFindings {
+            jobs: report
+                .jobs
+                .iter()
+                .map(|(server, n)| (server.clone(), *n as u64))
+                .collect(),
+            enqueued: report.enqueued as u64,
+            cancelled: report.cancelled,
+            duration_ms: run_started.elapsed().as_millis() as u64,
+        };
+        self.store
+            .record_tick(&mut lock, sweep.name(), tick, &findings)
+            .await?;
         lock.commit().await?;
         let name = sweep.name();
         metrics::counter!(observe::SWEEP_RUNS_METRIC, "sweep" => name).increment(1);

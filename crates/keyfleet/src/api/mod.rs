@@ -3,10 +3,12 @@
 //! from the handlers (`/v1/openapi.json`).
 
 pub mod auth;
+mod dashboard;
 mod error;
 mod queue;
 mod servers;
 mod subscriptions;
+mod ui;
 mod watch;
 
 use std::{future::Future, net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
@@ -93,6 +95,7 @@ impl AppState {
         (name = "subscriptions", description = "What the purchase service calls"),
         (name = "servers", description = "The fleet"),
         (name = "queue", description = "Jobs, dead jobs and sweeps"),
+        (name = "dashboard", description = "What the operators' dashboard (/ui) reads"),
     )
 )]
 struct ApiDoc;
@@ -125,6 +128,10 @@ fn v1() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(queue::replay))
         .routes(routes!(queue::discard))
         .routes(routes!(queue::sweep))
+        .routes(routes!(dashboard::me))
+        .routes(routes!(dashboard::fleet))
+        .routes(routes!(dashboard::job_stats))
+        .routes(routes!(dashboard::sweep_ticks))
         .split_for_parts()
 }
 
@@ -154,6 +161,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
         .merge(observe)
+        .merge(ui::router())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
 }
 
@@ -185,11 +193,7 @@ pub async fn serve(
     listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(settings, &options).await?;
-    let prune = tokio::spawn(prune_receipts(state.store.clone(), options.receipt_ttl));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let listener = bind(listen).await?;
     let bound = listener.local_addr()?;
     {
         use std::io::Write;
@@ -198,6 +202,25 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!("keyfleet api listening on http://{bound}");
+    serve_on(settings, options, listener, shutdown).await
+}
+
+/// Binds the API's address (port 0: any free port; `local_addr` tells which).
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))
+}
+
+/// Serves the API on a bound listener until `shutdown` resolves.
+pub async fn serve_on(
+    settings: Settings,
+    options: ApiOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(settings, &options).await?;
+    let prune = tokio::spawn(prune_receipts(state.store.clone(), options.receipt_ttl));
     let served = axum::serve(listener, router(state).into_make_service())
         .with_graceful_shutdown(shutdown)
         .await;

@@ -106,6 +106,8 @@ pub struct DeadFilter {
     pub server: Option<String>,
     /// Only this kind (create_key, delete_key, sync_config, reconcile, collect_traffic).
     pub kind: Option<String>,
+    /// Only jobs whose error contains this text (case-insensitive).
+    pub reason: Option<String>,
     /// At most this many, newest first (1-10000, default 100).
     #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
@@ -147,6 +149,7 @@ pub async fn dead_jobs(
             format!("{limit} is out of range: use 1..=10000"),
         ));
     }
+    let reason = filter.reason.as_ref().map(|r| r.to_lowercase());
     let all = dlq::list(&state.store, &state.queue, usize::MAX >> 1).await?;
     let jobs = all
         .into_iter()
@@ -156,6 +159,9 @@ pub async fn dead_jobs(
                 .as_ref()
                 .is_none_or(|s| d.server_name.as_ref() == Some(s))
                 && filter.kind.as_ref().is_none_or(|k| &d.job.kind == k)
+                && reason
+                    .as_ref()
+                    .is_none_or(|r| d.job.error.to_lowercase().contains(r))
         })
         .take(limit)
         .map(|d| DeadJobView {

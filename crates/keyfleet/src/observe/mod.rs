@@ -13,6 +13,7 @@
 mod fleet;
 mod health;
 mod http;
+pub mod rollup;
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -68,7 +69,15 @@ pub const ROWS_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200
 /// How often histogram samples are folded in when nobody scrapes (bounds their memory).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Installs the global Prometheus recorder once per process; later calls return the same handle.
+/// The dashboard's per-minute rollups, fed by the global recorder ([`recorder`]): collecting only
+/// once [`rollup::RollupRecorder::spawn_flusher`] runs.
+pub fn rollups() -> &'static rollup::RollupRecorder {
+    static ROLLUPS: OnceLock<rollup::RollupRecorder> = OnceLock::new();
+    ROLLUPS.get_or_init(rollup::RollupRecorder::default)
+}
+
+/// Installs the global recorder once per process (Prometheus, and the rollups beside it); later
+/// calls return the same Prometheus handle.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -83,7 +92,11 @@ pub fn recorder() -> &'static PrometheusHandle {
             .expect("the bucket lists are not empty")
             .build_recorder();
         let handle = recorder.handle();
-        if let Err(error) = metrics::set_global_recorder(recorder) {
+        let both = metrics_util::layers::FanoutBuilder::default()
+            .add_recorder(recorder)
+            .add_recorder(rollups().clone())
+            .build();
+        if let Err(error) = metrics::set_global_recorder(both) {
             tracing::warn!(%error, "Another metrics recorder is installed; /metrics shows only the fleet gauges.");
         }
         describe();

@@ -83,6 +83,8 @@ pub async fn run(
         },
     )
     .await?;
+    observe::recorder();
+    let rollups = observe::rollups().spawn_flusher(queue.clone());
     let servers = store.list_servers().await?;
     apply_to_queue(&queue, &servers).await?;
     for warning in queue.settings_warnings().await {
@@ -176,6 +178,7 @@ pub async fn run(
     maintenance.abort();
     refresher.abort();
     drop(writeback_task);
+    rollups.stop().await;
     if let Some(metrics) = metrics {
         metrics.stop().await;
     }
