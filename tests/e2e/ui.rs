@@ -453,3 +453,62 @@ async fn a_viewer_sees_every_page_and_no_action_and_no_secret_reaches_the_page()
     browser.close().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn demo_serve_leaves_the_dashboard_up_on_the_demos_data() {
+    let env = TestEnv::new().await;
+    let database = format!("kf_test_demo_{}", uuid::Uuid::new_v4().simple());
+    let mut demo = spawn_logged(
+        &env,
+        &[
+            "demo",
+            "--subscriptions",
+            "3",
+            "--workers",
+            "1",
+            "--concurrency",
+            "16",
+            "--database",
+            &database,
+            "--serve",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let url = demo.await_stdout_line("Dashboard: ", Duration::from_secs(120));
+    let url = url.split_whitespace().next().unwrap().to_owned();
+    let token = format!("kf_{}", demo.await_stdout_line("kf_", WITHIN));
+    let base = url.trim_end_matches("/ui").to_owned();
+    let fleet: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/fleet"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let servers = fleet["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 11, "{fleet}");
+    assert!(servers.iter().all(|s| s["keys"] == 3), "{fleet}");
+
+    let mut browser = Browser::start("demo").await;
+    browser.sign_in(&base, &token).await;
+    browser.page("#/fleet").await;
+    browser
+        .until(
+            "the demo's eleven servers",
+            "return document.querySelectorAll('tbody tr[data-server]').length === 11",
+        )
+        .await;
+    browser.screenshot("fleet").await;
+    browser.assert_clean_console("the demo's fleet page").await;
+    browser.close().await;
+    assert!(demo.terminate(WITHIN).success(), "{}", demo.log());
+    env.store
+        .execute_admin(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}

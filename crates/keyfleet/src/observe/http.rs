@@ -98,7 +98,7 @@ pub(crate) struct MetricsServer {
 }
 
 /// With `Some(listen)`: installs the recorder, binds (an address that cannot be bound fails the
-/// start-up) and serves in the background. With `None`: nothing, and metrics stay no-ops.
+/// start-up) and serves in the background. With `None`: nothing listens.
 pub(crate) async fn start(
     listen: Option<SocketAddr>,
     health: Health,

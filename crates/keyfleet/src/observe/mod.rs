@@ -3,8 +3,9 @@
 //!
 //! Metrics are recorded through the `metrics` facade where things happen (the VPN clients, the
 //! write-back, the reaper, the executor, the scheduler) and rendered by the process-wide
-//! Prometheus recorder ([`recorder`]). Without a recorder (no listener) every recording is a
-//! no-op. The fleet gauges (queue depth per server and state, limits, breakers, claimable work)
+//! Prometheus recorder ([`recorder`]), installed by a listener and by every worker (whose
+//! recordings also feed the dashboard's per-minute rollups, [`rollup`]). Without a recorder every
+//! recording is a no-op. The fleet gauges (queue depth per server and state, limits, breakers, claimable work)
 //! are not recorded: each scrape of `/metrics` reads them fresh from Redis and Postgres.
 //!
 //! No label ever holds a secret: `server` is the server's name in keyfleet (never its URL, API key
