@@ -340,6 +340,20 @@ async fn replaying_a_dead_job_from_the_page_runs_it_and_the_subscription_shows_a
     assert_eq!(browser.count("button[data-copy]").await, 11);
     browser.screenshot("subscription").await;
 
+    // Deprovision from the page: every server's key is deleted; provision again: all back.
+    browser.click("[data-action=\"deprovision\"]").await;
+    keys_in_state(&env, "ui-order-1", &servers, "deleted").await;
+    assert!(fleet.servers.iter().all(|f| f.users().is_empty()));
+    browser
+        .until(
+            "no link left",
+            "const n = document.getElementById('links-count'); return n && n.textContent === '0';",
+        )
+        .await;
+    browser.click("[data-action=\"provision\"]").await;
+    keys_in_state(&env, "ui-order-1", &servers, "active").await;
+    assert!(fleet.servers.iter().all(|f| f.users().len() == 1));
+
     // The queue page charts the creates the workers did (their rollups, through Redis).
     browser.page("#/queue").await;
     browser
@@ -510,5 +524,53 @@ async fn demo_serve_leaves_the_dashboard_up_on_the_demos_data() {
         .execute_admin(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await
         .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_dashboards_figures_add_up_over_two_worker_processes() {
+    let env = TestEnv::new().await;
+    let fleet = fleet(2, 1).await;
+    register(&env, &fleet, 2);
+    let dash = Dashboard::start(&env);
+    let _a = spawn_worker(&env, 4, &[]);
+    let _b = spawn_worker(&env, 4, &[]);
+    let servers = ids(&env, 3).await;
+    for i in 0..12 {
+        dash.buy(&format!("ui-sum-{i}")).await;
+    }
+    for i in 0..12 {
+        keys_in_state(&env, &format!("ui-sum-{i}"), &servers, "active").await;
+    }
+    // Every create counted once, whichever worker ran it; every request the fakes saw, per server.
+    let stats = eventually(WITHIN, "36 creates in the rollups", || async {
+        let stats = dash
+            .call(reqwest::Method::GET, "/v1/stats/jobs?minutes=5", None)
+            .await;
+        let done: i64 = stats["kinds"]
+            .as_array()?
+            .iter()
+            .filter(|k| k["kind"] == "create_key")
+            .flat_map(|k| k["points"].as_array().unwrap().iter())
+            .map(|p| p["done"].as_i64().unwrap())
+            .sum();
+        (done == 36).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["kinds"].as_array().unwrap().len(), 1, "{stats}");
+    let view = eventually(WITHIN, "every request in the fleet's figures", || async {
+        let view = dash.call(reqwest::Method::GET, "/v1/fleet", None).await;
+        let all = fleet.servers.iter().enumerate().all(|(i, fake)| {
+            view["servers"][i]["requests"].as_u64() == Some(fake.meter().total_requests)
+        });
+        all.then_some(view)
+    })
+    .await;
+    for row in view["servers"].as_array().unwrap() {
+        assert_eq!(row["errors"], 0, "{row}");
+        assert_eq!(row["health"], "ok", "{row}");
+        assert_eq!(row["keys"], 12, "{row}");
+        assert!(row["p50_ms"].as_f64().unwrap() <= row["p99_ms"].as_f64().unwrap());
+    }
     env.cleanup().await;
 }
