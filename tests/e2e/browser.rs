@@ -230,6 +230,16 @@ impl Browser {
         }
     }
 
+    /// Types `text` into the first element matching `css`, key by key.
+    pub async fn type_into(&self, css: &str, text: &str) {
+        let el = self
+            .client()
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"));
+        el.send_keys(text).await.unwrap();
+    }
+
     /// How many elements match `css`.
     pub async fn count(&self, css: &str) -> usize {
         self.js(&format!(

@@ -123,7 +123,15 @@ async fn the_fleet_page_shows_every_server_with_its_counts_and_pausing_one_stops
     let fleet = fleet(2, 1).await;
     register(&env, &fleet, 2);
     let dash = Dashboard::start(&env);
-    let _worker = spawn_worker(&env, 8, &[]);
+    // One transient failure opens a server's breaker (for the last step), for a minute.
+    let _worker = spawn_worker(
+        &env,
+        8,
+        &[
+            ("KEYFLEET_BREAKER_THRESHOLD", "1"),
+            ("KEYFLEET_BREAKER_COOLDOWN_MS", "60000"),
+        ],
+    );
     let servers = ids(&env, 3).await;
 
     // Two purchases; s1 refuses the second one's create for good (401): one dead job on s1.
@@ -228,6 +236,82 @@ async fn the_fleet_page_shows_every_server_with_its_counts_and_pausing_one_stops
     key_in_state(&env, "ui-a3", servers[0], "active", WITHIN).await;
     until_cell(&browser, "s0", "keys", "3").await;
     browser.assert_clean_console("pausing and resuming").await;
+
+    // The other actions, each checked where it lands.
+    browser
+        .type_into("tr[data-server=\"s2\"] input.limit", "3")
+        .await;
+    browser
+        .click("tr[data-server=\"s2\"] [data-action=\"set-limit\"]")
+        .await;
+    until_cell(&browser, "s2", "limit", "3").await;
+    assert_eq!(
+        env.store.server_by_name("s2").await.unwrap().max_in_flight,
+        3
+    );
+    let limit = env.queue.server_stats().await.unwrap();
+    assert_eq!(
+        limit.iter().find(|s| s.server == servers[2]).unwrap().limit,
+        Some(3)
+    );
+    let generation = env
+        .store
+        .server_by_name("s0")
+        .await
+        .unwrap()
+        .config_generation;
+    browser
+        .click("tr[data-server=\"s0\"] [data-action=\"bump-config\"]")
+        .await;
+    eventually(WITHIN, "s0's config generation to move", || async {
+        let now = env.store.server_by_name("s0").await.ok()?.config_generation;
+        (now > generation).then_some(())
+    })
+    .await;
+    let listed = fleet.servers[2].meter().total_requests;
+    browser
+        .click("tr[data-server=\"s2\"] [data-action=\"reconcile\"]")
+        .await;
+    eventually(WITHIN, "a reconcile of s2 to list it", || async {
+        (fleet.servers[2].meter().total_requests > listed).then_some(())
+    })
+    .await;
+    // Deactivate asks twice.
+    browser
+        .click("tr[data-server=\"s1\"] [data-action=\"deactivate\"]")
+        .await;
+    assert!(env.store.server_by_name("s1").await.unwrap().active);
+    browser
+        .click("tr[data-server=\"s1\"] [data-action=\"deactivate\"]")
+        .await;
+    until_cell(&browser, "s1", "active", "no").await;
+    assert!(!env.store.server_by_name("s1").await.unwrap().active);
+    browser.screenshot("fleet-actions").await;
+    browser.assert_clean_console("the fleet's actions").await;
+
+    // A server that stops answering stands out: red, and the page says why.
+    fleet.servers[2].set_refusing(true);
+    dash.buy("ui-a4").await;
+    until_cell(&browser, "s2", "breaker", "open").await;
+    let s2 = fleet_row(&browser, "s2").await;
+    assert!(
+        s2["class"].as_str().unwrap().contains("health-trouble"),
+        "{s2}"
+    );
+    assert!(
+        s2["health"]
+            .as_str()
+            .unwrap()
+            .contains("circuit breaker open"),
+        "{s2}"
+    );
+    assert_eq!(
+        browser.count("tr.health-trouble").await,
+        1,
+        "only s2 is in trouble"
+    );
+    browser.screenshot("fleet-trouble").await;
+    browser.assert_clean_console("a server in trouble").await;
     browser.close().await;
     env.cleanup().await;
 }
