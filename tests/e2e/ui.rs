@@ -438,6 +438,64 @@ async fn replaying_a_dead_job_from_the_page_runs_it_and_the_subscription_shows_a
     keys_in_state(&env, "ui-order-1", &servers, "active").await;
     assert!(fleet.servers.iter().all(|f| f.users().len() == 1));
 
+    // Bulk actions: three more dead creates; replay a selection, discard all matching a filter,
+    // then replay all that is left.
+    for i in [5, 6] {
+        fleet.servers[i].inject(None, Fault::Status(401), 1);
+    }
+    dash.buy("ui-order-2").await;
+    key_in_state(&env, "ui-order-2", servers[5], "failed", WITHIN).await;
+    key_in_state(&env, "ui-order-2", servers[6], "failed", WITHIN).await;
+    fleet.servers[7].inject(None, Fault::Status(401), 1);
+    dash.buy("ui-order-3").await;
+    key_in_state(&env, "ui-order-3", servers[7], "failed", WITHIN).await;
+    let s7_creates = fleet.servers[7].meter().creates_committed;
+    browser.page("#/dead").await;
+    let dead_count = |n: usize| {
+        format!(
+            "const c = document.getElementById('dead-count'); return c && c.textContent.startsWith('{n} ')"
+        )
+    };
+    browser.until("three dead jobs", &dead_count(3)).await;
+    let on_s5 = browser
+        .js("return [...document.querySelectorAll('tr[data-job]')].find(tr => tr.children[2].textContent === 's5').dataset.job")
+        .await;
+    browser
+        .click(&format!(
+            "tr[data-job=\"{}\"] input.pick",
+            on_s5.as_str().unwrap()
+        ))
+        .await;
+    browser.click("[data-action=\"replay-selected\"]").await;
+    key_in_state(&env, "ui-order-2", servers[5], "active", WITHIN).await;
+    browser.until("two dead jobs", &dead_count(2)).await;
+    browser
+        .js("document.getElementById('dead-server').value = 's7'; return true")
+        .await;
+    browser.click(".filters button[type=submit]").await;
+    browser.until("one dead job on s7", &dead_count(1)).await;
+    browser.click("[data-action=\"discard-matching\"]").await;
+    browser.until("none left on s7", &dead_count(0)).await;
+    assert_eq!(
+        env.queue.stats().await.unwrap().dead,
+        1,
+        "only s6's is left"
+    );
+    key_in_state(&env, "ui-order-3", servers[7], "failed", WITHIN).await;
+    browser
+        .js("document.getElementById('dead-server').value = ''; return true")
+        .await;
+    browser.click(".filters button[type=submit]").await;
+    browser.until("s6's dead job", &dead_count(1)).await;
+    browser.click("[data-action=\"replay-matching\"]").await;
+    key_in_state(&env, "ui-order-2", servers[6], "active", WITHIN).await;
+    assert_eq!(env.queue.stats().await.unwrap().dead, 0);
+    assert_eq!(
+        fleet.servers[7].meter().creates_committed,
+        s7_creates,
+        "the discarded create never ran again"
+    );
+
     // The queue page charts the creates the workers did (their rollups, through Redis).
     browser.page("#/queue").await;
     browser
