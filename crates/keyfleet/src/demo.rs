@@ -12,8 +12,11 @@ use keyfleet_store::Store;
 
 use crate::{
     producer::Producer,
+    schedule::Schedule,
+    scheduler::Scheduler,
     servers::validate_new_server,
     settings::Settings,
+    sweeps::Sweep,
     worker::{self, WorkerOptions},
 };
 
@@ -229,13 +232,38 @@ async fn serve(
         writeln!(out, "{token}")?;
         out.flush()?;
     }
-    crate::api::serve_on(
+    // A scheduler too, so the Sweeps page fills: reconcile every 30 s, configs and traffic each
+    // minute.
+    let mut schedules = Vec::new();
+    for (sweep, expr) in [
+        (Sweep::Reconcile, "*/30 * * * * *"),
+        (Sweep::Configs, "15 * * * * *"),
+        (Sweep::Traffic, "45 * * * * *"),
+    ] {
+        schedules.push((sweep, Schedule::parse(sweep.name(), expr)?));
+    }
+    let scheduler = Scheduler {
+        store: store.clone(),
+        queue: settings.queue()?,
+        settings: settings.clone(),
+        schedules,
+        id: format!("demo-{}", std::process::id()),
+        metrics_listen: None,
+    };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let sweeping = tokio::spawn(scheduler.run(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    let served = crate::api::serve_on(
         settings.clone(),
         crate::api::ApiOptions::default(),
         listener,
         shutdown,
     )
-    .await
+    .await;
+    let _ = stop_tx.send(true);
+    sweeping.await??;
+    served
 }
 
 /// Drops and recreates `database` on the server of `database_url`; returns the URL to it.
