@@ -597,6 +597,37 @@ async fn a_viewer_sees_every_page_and_no_action_and_no_secret_reaches_the_page()
         .js("return document.querySelector('section[data-sweep=\"reconcile\"] td[data-col=\"found\"]').textContent")
         .await;
     assert!(found.as_str().unwrap().parse::<u64>().is_ok(), "{found}");
+    // Nor does anything the page reads hold one.
+    for path in [
+        "/v1/me",
+        "/v1/fleet",
+        "/v1/servers",
+        "/v1/queue",
+        "/v1/stats/jobs",
+        "/v1/sweeps",
+        "/v1/dead-jobs",
+        "/v1/subscriptions/ui-v1",
+    ] {
+        let response = dash
+            .http
+            .get(format!("{}{path}", dash.base))
+            .bearer_auth(&dash.viewer)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        let body = response.text().await.unwrap();
+        assert!(!body.contains(&api_key), "{path} holds an API key: {body}");
+        assert!(
+            !body.contains(&outline_prefix),
+            "{path} holds an Outline prefix: {body}"
+        );
+        assert!(!body.contains(&dash.viewer), "{path} holds the token");
+    }
     // And the API refuses what the page hides.
     let refused = dash
         .http
