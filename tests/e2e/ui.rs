@@ -422,6 +422,15 @@ async fn replaying_a_dead_job_from_the_page_runs_it_and_the_subscription_shows_a
         assert_eq!(row[1], users[0].link, "s{i}'s link is the server's");
     }
     assert_eq!(browser.count("button[data-copy]").await, 11);
+    browser
+        .click("tr[data-server=\"s0\"] button[data-copy]")
+        .await;
+    browser
+        .until(
+            "the copy button to answer",
+            "return document.getElementById('toast').textContent === 'Copied'",
+        )
+        .await;
     browser.screenshot("subscription").await;
 
     // Deprovision from the page: every server's key is deleted; provision again: all back.
