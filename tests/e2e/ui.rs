@@ -754,5 +754,27 @@ async fn the_dashboards_figures_add_up_over_two_worker_processes() {
         assert_eq!(row["keys"], 12, "{row}");
         assert!(row["p50_ms"].as_f64().unwrap() <= row["p99_ms"].as_f64().unwrap());
     }
+    // Out-of-range windows are refused, naming the parameter.
+    for (path, field) in [
+        ("/v1/stats/jobs?minutes=0", "minutes"),
+        ("/v1/stats/jobs?minutes=181", "minutes"),
+        ("/v1/stats/jobs?minutes=soon", "minutes"),
+        ("/v1/sweeps?per_sweep=101", "per_sweep"),
+    ] {
+        let response = dash
+            .http
+            .get(format!("{}{path}", dash.base))
+            .bearer_auth(&dash.admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["field"], field, "{path}: {body}");
+    }
     env.cleanup().await;
 }
