@@ -339,6 +339,17 @@ impl Store {
             .collect()
     }
 
+    /// Active keys per server id (servers without any are absent). Reads only the partial index
+    /// of active keys, however many deleted rows the table holds.
+    pub async fn active_keys_per_server(&self) -> Result<HashMap<ServerId, i64>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT server_id, count(*) FROM keys WHERE state = 'active' GROUP BY server_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(s, n)| (ServerId(s), n)).collect())
+    }
+
     /// Percentiles of enqueue -> key stored, over active keys.
     pub async fn provision_latency(&self) -> Result<LatencyStats> {
         let row = sqlx::query(

@@ -100,13 +100,7 @@ pub struct FleetRow {
 pub async fn fleet(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<FleetView>> {
     caller.operator()?;
     let servers = state.store.list_servers().await?;
-    let keys: HashMap<String, i64> = state
-        .store
-        .key_counts()
-        .await?
-        .into_iter()
-        .map(|c| (c.server, c.active))
-        .collect();
+    let keys = state.store.active_keys_per_server().await?;
     let queue: HashMap<i64, keyfleet_queue::ServerQueueStats> = state
         .queue
         .server_stats()
@@ -133,7 +127,7 @@ pub async fn fleet(State(state): State<AppState>, caller: Caller) -> ApiResult<J
                 0.0
             };
             let mut row = FleetRow {
-                keys: keys.get(&s.name).copied().unwrap_or(0),
+                keys: keys.get(&s.id).copied().unwrap_or(0),
                 kind: s.kind.as_str().into(),
                 active: s.active,
                 paused: s.paused || q.is_some_and(|q| q.paused),
