@@ -606,6 +606,49 @@ async fn a_viewer_sees_every_page_and_no_action_and_no_secret_reaches_the_page()
         .js("return document.querySelector('section[data-sweep=\"reconcile\"] td[data-col=\"found\"]').textContent")
         .await;
     assert!(found.as_str().unwrap().parse::<u64>().is_ok(), "{found}");
+    // The token lasts for the tab (sessionStorage), survives a reload, and signing out forgets it.
+    browser.client().refresh().await.unwrap();
+    browser
+        .until(
+            "still signed in after a reload",
+            "return !document.getElementById('top').hidden && document.getElementById('who').textContent === 'watcher (viewer)'",
+        )
+        .await;
+    let kept = browser
+        .js("return sessionStorage.getItem('keyfleet.token')")
+        .await;
+    assert_eq!(kept, json!(dash.viewer));
+    assert_eq!(
+        browser
+            .js("return localStorage.length + document.cookie.length")
+            .await,
+        json!(0),
+        "nothing outlives the tab"
+    );
+    browser.click("#logout").await;
+    browser
+        .until(
+            "the sign-in form",
+            "return !document.getElementById('login').hidden",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .js("return sessionStorage.getItem('keyfleet.token')")
+            .await,
+        Value::Null
+    );
+    browser.client().refresh().await.unwrap();
+    browser
+        .until(
+            "the sign-in form after a reload",
+            "return !document.getElementById('login').hidden && document.getElementById('top').hidden",
+        )
+        .await;
+    browser
+        .assert_clean_console("reloading and signing out")
+        .await;
+
     // Nor does anything the page reads hold one.
     for path in [
         "/v1/me",
