@@ -14,7 +14,7 @@ pub const STATS_KEEP_MINUTES: i64 = 180;
 impl Queue {
     /// The one place the name of a minute's hash is made.
     fn stats_key(&self, minute: i64) -> String {
-        self.key(&format!("stats:{minute}"))
+        self.redis_key(&format!("stats:{minute}"))
     }
 
     /// Adds `counts` (field → increment) to `minute`'s counters, in one round trip.
