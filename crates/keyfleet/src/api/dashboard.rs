@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{
     AppState,
     auth::Caller,
-    error::{ApiError, ApiResult, ErrorBody, Params},
+    error::{ApiError, ApiResult, ErrorBody, Guarded, Params},
 };
 use crate::observe::rollup;
 
@@ -93,8 +93,7 @@ pub struct FleetRow {
 #[utoipa::path(get, path = "/v1/fleet", tag = "dashboard",
     responses(
         (status = 200, body = FleetView),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn fleet(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<FleetView>> {
@@ -232,8 +231,8 @@ pub struct KindPoint {
     params(JobStatsParams),
     responses(
         (status = 200, body = JobStats),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn job_stats(
@@ -313,8 +312,8 @@ pub struct SweepTickView {
     params(TickParams),
     responses(
         (status = 200, body = Vec<SweepTickView>),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn sweep_ticks(

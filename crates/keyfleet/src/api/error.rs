@@ -266,3 +266,40 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
         })
     }
 }
+
+/// What every endpoint behind a bearer token may answer besides its own responses (OpenAPI
+/// only: `ApiError` produces them).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Guarded {
+    /// No token, a malformed one, or a revoked one.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's role may not do this.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Over the token's rate limit: see Retry-After.
+    #[response(status = 429)]
+    RateLimited(ErrorBody),
+    /// Postgres or Redis is unreachable: see Retry-After.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// What an endpoint that reads a JSON body may answer about it (OpenAPI only).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyRejected {
+    /// The body is not valid JSON.
+    #[response(status = 400)]
+    Malformed(ErrorBody),
+    /// The body is over the size limit.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// The body is not `application/json`.
+    #[response(status = 415)]
+    NotJson(ErrorBody),
+    /// A field is missing or wrong; `error.field` names it.
+    #[response(status = 422)]
+    InvalidField(ErrorBody),
+}

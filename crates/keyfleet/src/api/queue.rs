@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::{
     AppState,
     auth::Caller,
-    error::{ApiError, ApiResult, Body, ErrorBody, Params},
+    error::{ApiError, ApiResult, Body, BodyRejected, ErrorBody, Guarded, Params},
 };
 use crate::{
     dlq::{self, Selection},
@@ -54,8 +54,7 @@ pub struct ServerQueueView {
 #[utoipa::path(get, path = "/v1/queue", tag = "queue",
     responses(
         (status = 200, body = QueueView),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn queue(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<QueueView>> {
@@ -132,8 +131,8 @@ pub struct DeadJobView {
     params(DeadFilter),
     responses(
         (status = 200, body = Vec<DeadJobView>),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn dead_jobs(
@@ -219,10 +218,8 @@ pub struct ReplayResult {
     request_body = DeadSelection,
     responses(
         (status = 200, body = ReplayResult),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        BodyRejected, Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn replay(
@@ -251,10 +248,8 @@ pub struct DiscardResult {
     request_body = DeadSelection,
     responses(
         (status = 200, body = DiscardResult),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        BodyRejected, Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn discard(
@@ -307,9 +302,8 @@ pub struct SweepResult {
     ),
     responses(
         (status = 200, body = SweepResult),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn sweep(

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::{
     AppState,
     auth::Caller,
-    error::{ApiError, ApiResult, Body, ErrorBody},
+    error::{ApiError, ApiResult, Body, BodyRejected, ErrorBody, Guarded},
 };
 use crate::servers::{
     InvalidServer, validate_api_key, validate_api_url, validate_cert_sha256, validate_limit,
@@ -116,8 +116,7 @@ fn field_error(e: InvalidServer) -> ApiError {
 #[utoipa::path(get, path = "/v1/servers", tag = "servers",
     responses(
         (status = 200, body = Vec<ServerView>),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn list(
@@ -134,10 +133,8 @@ pub async fn list(
     request_body = NewServerRequest,
     responses(
         (status = 201, body = ServerView),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, description = "Name taken", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 409, description = "Name taken", body = ErrorBody),
+        BodyRejected, Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn add(
@@ -170,10 +167,8 @@ pub async fn add(
     request_body = ServerPatch,
     responses(
         (status = 200, body = ServerView),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        BodyRejected, Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn patch(
@@ -254,8 +249,8 @@ fn validate_patch(kind: ServerKind, patch: ServerPatch) -> ApiResult<ServerChang
     params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ConfigBump),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn bump_config(
@@ -277,8 +272,8 @@ pub async fn bump_config(
     params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ServerView),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn pause(
@@ -294,8 +289,8 @@ pub async fn pause(
     params(("name" = String, Path, description = "Server name", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", example = "de-1")),
     responses(
         (status = 200, body = ServerView),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        Guarded,
     ),
     security(("bearer" = [])))]
 pub async fn resume(
