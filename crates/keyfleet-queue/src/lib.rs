@@ -837,16 +837,26 @@ impl Queue {
 
     /// The newest `limit` dead-lettered jobs, newest first.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
+        Ok(self.dead_jobs_page(0, limit).await?.0)
+    }
+
+    /// `count` dead-lettered jobs after the newest `skip`, newest first, and whether older ones
+    /// may follow. For reading the dead set a page at a time.
+    pub async fn dead_jobs_page(&self, skip: usize, count: usize) -> Result<(Vec<DeadJob>, bool)> {
+        if count == 0 {
+            return Ok((vec![], true));
+        }
         let mut conn = self.conn.clone();
         let ids: Vec<(u64, i64)> = redis::cmd("ZREVRANGE")
             .arg(self.redis_key("dead"))
-            .arg(0)
-            .arg(limit.saturating_sub(1))
+            .arg(skip)
+            .arg(skip + count - 1)
             .arg("WITHSCORES")
             .query_async(&mut conn)
             .await?;
+        let more = ids.len() == count;
         if ids.is_empty() {
-            return Ok(vec![]);
+            return Ok((vec![], more));
         }
         let mut pipe = redis::pipe();
         for (id, _) in &ids {
@@ -855,7 +865,7 @@ impl Queue {
                 .arg(&["server", "kind", "payload", "attempts", "error"]);
         }
         let fields: Vec<DeadFields> = pipe.query_async(&mut conn).await?;
-        Ok(ids
+        let jobs = ids
             .into_iter()
             .zip(fields)
             .filter_map(
@@ -871,7 +881,8 @@ impl Queue {
                     })
                 },
             )
-            .collect())
+            .collect();
+        Ok((jobs, more))
     }
 
     /// Moves dead jobs back to their ready queues with fresh attempts.

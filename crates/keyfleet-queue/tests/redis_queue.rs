@@ -476,6 +476,13 @@ async fn the_dead_set_keeps_what_its_retention_allows_and_discards_on_demand() {
         !left.contains(&ids[0]) && !left.contains(&ids[1]),
         "the oldest go first"
     );
+    // Read a page at a time, the pages add up to the whole set in the same order.
+    let (first, more) = q.dead_jobs_page(0, 2).await.unwrap();
+    assert!(more && first.len() == 2);
+    let (second, more) = q.dead_jobs_page(2, 2).await.unwrap();
+    assert!(!more && second.len() == 1);
+    let paged: Vec<JobId> = first.iter().chain(&second).map(|d| d.id).collect();
+    assert_eq!(paged, left);
     assert_eq!(q.discard(&[ids[4], ids[0]]).await.unwrap(), vec![ids[4]]);
     assert_eq!(q.stats().await.unwrap().dead, 2);
     cleanup(q).await;

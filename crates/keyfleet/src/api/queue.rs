@@ -6,7 +6,8 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use keyfleet_queue::{Breaker, JobId};
+use keyfleet_core::ServerId;
+use keyfleet_queue::{Breaker, DeadJob, JobId};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -127,6 +128,9 @@ pub struct DeadJobView {
 }
 
 /// Dead-lettered jobs, newest first.
+/// Dead jobs read from Redis per round trip while filtering.
+const DEAD_PAGE: usize = 500;
+
 #[utoipa::path(get, path = "/v1/dead-jobs", tag = "queue",
     params(DeadFilter),
     responses(
@@ -149,32 +153,50 @@ pub async fn dead_jobs(
         ));
     }
     let reason = filter.reason.as_ref().map(|r| r.to_lowercase());
-    let all = dlq::list(&state.store, &state.queue, usize::MAX >> 1).await?;
-    let jobs = all
-        .into_iter()
-        .filter(|d| {
-            filter
-                .server
+    let matches = |d: &DeadJob, server_name: Option<&String>| {
+        filter
+            .server
+            .as_ref()
+            .is_none_or(|s| server_name == Some(s))
+            && filter.kind.as_ref().is_none_or(|k| &d.kind == k)
+            && reason
                 .as_ref()
-                .is_none_or(|s| d.server_name.as_ref() == Some(s))
-                && filter.kind.as_ref().is_none_or(|k| &d.job.kind == k)
-                && reason
-                    .as_ref()
-                    .is_none_or(|r| d.job.error.to_lowercase().contains(r))
-        })
-        .take(limit)
-        .map(|d| DeadJobView {
-            id: d.job.id.0,
-            server_id: d.job.server.0,
-            server: d.server_name,
-            kind: d.job.kind,
-            payload: serde_json::from_str(&d.job.payload)
-                .unwrap_or(serde_json::Value::String(d.job.payload)),
-            attempts: d.job.attempts,
-            error: d.job.error,
-            dead_at: chrono::DateTime::from_timestamp_millis(d.job.dead_at_ms).unwrap_or_default(),
-        })
+                .is_none_or(|r| d.error.to_lowercase().contains(r))
+    };
+    let names: HashMap<ServerId, String> = state
+        .store
+        .list_servers()
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s.name))
         .collect();
+    // A page at a time, newest first, until `limit` match: an unfiltered look reads one page.
+    let mut jobs = Vec::new();
+    let mut skip = 0;
+    while jobs.len() < limit {
+        let (page, more) = state.queue.dead_jobs_page(skip, DEAD_PAGE).await?;
+        skip += DEAD_PAGE;
+        for d in page {
+            let server = names.get(&d.server).cloned();
+            if jobs.len() < limit && matches(&d, server.as_ref()) {
+                jobs.push(DeadJobView {
+                    id: d.id.0,
+                    server_id: d.server.0,
+                    server,
+                    kind: d.kind,
+                    payload: serde_json::from_str(&d.payload)
+                        .unwrap_or(serde_json::Value::String(d.payload)),
+                    attempts: d.attempts,
+                    error: d.error,
+                    dead_at: chrono::DateTime::from_timestamp_millis(d.dead_at_ms)
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        if !more {
+            break;
+        }
+    }
     Ok(Json(jobs))
 }
 
