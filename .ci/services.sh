@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure Postgres (127.0.0.1:5432, user postgres, trust auth) and Redis (127.0.0.1:6379) are
-# up: starts them if installed but stopped, installs them with apt if absent. Idempotent.
+# up: starts them if installed but stopped, installs them with apt if absent. Installs the `v2ray`
+# binary (Debian's package; the xray-grpc tests start their own node from it). Idempotent.
 set -euo pipefail
 
 log() { echo "[services] $*"; }
@@ -55,3 +56,10 @@ if ! redis_up; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
 fi
 wait_for Redis redis_up
+
+# --- V2Ray (binary only: the e2e tests start their own nodes on free ports) ---
+if ! command -v v2ray >/dev/null 2>&1; then
+  log "installing V2Ray (Debian's v2ray package)"
+  apt_install v2ray
+fi
+log "$(v2ray -version 2>/dev/null | head -n 1)"

@@ -563,7 +563,9 @@ async fn lost_responses_after_commit_leave_one_key_per_server() {
             FakeServerConfig::v2ray().with_duplicate_policy(DuplicatePolicy::SilentDuplicate)
         }
         (ServerKind::Outline, 0) => FakeServerConfig::outline(),
-        (ServerKind::Outline, _) => FakeServerConfig::outline().with_outline_version("1.7.2"),
+        (ServerKind::Outline | ServerKind::XrayGrpc, _) => {
+            FakeServerConfig::outline().with_outline_version("1.7.2")
+        }
     })
     .await
     .unwrap();
@@ -635,7 +637,7 @@ async fn race_a_stalled_slow_create(
     let fleet = FakeFleet::start(1, 1, |kind, _| {
         match kind {
             ServerKind::V2ray => v2ray.clone(),
-            ServerKind::Outline => outline.clone(),
+            ServerKind::Outline | ServerKind::XrayGrpc => outline.clone(),
         }
         .with_create_latency_per_key(ms(5))
     })

@@ -16,3 +16,4 @@ mod support;
 mod sweeps;
 mod trust;
 mod ui;
+mod xray;

@@ -12,7 +12,7 @@ async fn a_subscription_gets_one_key_per_server_with_its_link() {
     let env = TestEnv::new().await;
     let fleet = FakeFleet::start(2, 1, |kind, _| match kind {
         ServerKind::V2ray => FakeServerConfig::v2ray(),
-        ServerKind::Outline => FakeServerConfig::outline(),
+        ServerKind::Outline | ServerKind::XrayGrpc => FakeServerConfig::outline(),
     })
     .await
     .unwrap();

@@ -130,7 +130,7 @@ async fn a_backlog_of_100k_jobs_drains_with_flat_worker_memory() {
     let env = TestEnv::new().await;
     let fleet = FakeFleet::start(10, 1, |kind, i| match kind {
         ServerKind::V2ray => FakeServerConfig::v2ray().with_seed(i as u64),
-        ServerKind::Outline => FakeServerConfig::outline(),
+        ServerKind::Outline | ServerKind::XrayGrpc => FakeServerConfig::outline(),
     })
     .await
     .unwrap();

@@ -51,7 +51,7 @@ fn subs(tag: &str, n: usize) -> Vec<SubscriptionId> {
 /// The name keyfleet gives its key on this kind of server (what reconcile recognises as ours).
 fn owned_name(kind: ServerKind, sub: &SubscriptionId) -> String {
     match kind {
-        ServerKind::V2ray => owned_v2ray_email(sub),
+        ServerKind::V2ray | ServerKind::XrayGrpc => owned_v2ray_email(sub),
         ServerKind::Outline => owned_key_name(sub),
     }
 }
@@ -808,6 +808,8 @@ async fn delete_behind_our_back(fake: &FakeServer, id: &str) {
         api_url: url::Url::parse(&fake.api_url()).unwrap(),
         api_key: fake.api_key(),
         cert_sha256: None,
+        grpc: None,
+        key_secret: None,
     };
     let client =
         keyfleet_vpn::VpnClient::new(&endpoint, &keyfleet_vpn::ClientConfig::default()).unwrap();

@@ -12,8 +12,8 @@ mod subscription;
 pub use failure::{Failure, FailureClass};
 pub use job::{JobKind, JobPayload};
 pub use naming::{
-    OWNED_PREFIX, owned_key_name, owned_outline_key_id, owned_prefix, owned_v2ray_email,
-    set_key_namespace, subscription_of_owned_name,
+    OWNED_PREFIX, owned_key_name, owned_marker_email, owned_outline_key_id, owned_prefix,
+    owned_v2ray_email, set_key_namespace, subscription_of_owned_name,
 };
 pub use server::{ServerId, ServerKind};
 pub use subscription::SubscriptionId;

@@ -59,6 +59,13 @@ pub fn owned_v2ray_email(sub: &SubscriptionId) -> String {
     format!("{}{sub}{V2RAY_EMAIL_DOMAIN}", owned_prefix())
 }
 
+/// The email of the marker user keyfleet keeps on a gRPC node (Xray/V2Ray) to notice a restart,
+/// which forgets every user added over the API. `~` is in no subscription id, so the marker is
+/// never read as a subscription's key.
+pub fn owned_marker_email() -> String {
+    format!("{}~marker{V2RAY_EMAIL_DOMAIN}", owned_prefix())
+}
+
 /// The id keyfleet chooses for an Outline key (`PUT /access-keys/{id}`, Outline >= 1.8).
 pub fn owned_outline_key_id(sub: &SubscriptionId) -> String {
     owned_key_name(sub)
@@ -88,6 +95,7 @@ mod tests {
         assert_eq!(subscription_of_owned_name(&owned_key_name(&sub)), Some(sub));
         assert_eq!(subscription_of_owned_name("alice@example.com"), None);
         assert_eq!(subscription_of_owned_name("kf-"), None);
+        assert_eq!(subscription_of_owned_name(&owned_marker_email()), None);
     }
 
     #[test]

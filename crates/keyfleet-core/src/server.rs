@@ -17,12 +17,14 @@ impl fmt::Display for ServerId {
 
 /// Which management API a server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum ServerKind {
     /// The V2Ray/Xray panel API (`X-API-Key` auth), see `shared/specs/v2ray-panel-api.md`.
     V2ray,
     /// The Outline server management API (secret path prefix, pinned self-signed certificate).
     Outline,
+    /// An Xray-core or V2Ray node driven over its own gRPC API (HandlerService, StatsService).
+    XrayGrpc,
 }
 
 impl ServerKind {
@@ -30,6 +32,7 @@ impl ServerKind {
         match self {
             Self::V2ray => "v2ray",
             Self::Outline => "outline",
+            Self::XrayGrpc => "xray-grpc",
         }
     }
 }
@@ -47,9 +50,10 @@ impl FromStr for ServerKind {
         match s {
             "v2ray" => Ok(Self::V2ray),
             "outline" => Ok(Self::Outline),
+            "xray-grpc" => Ok(Self::XrayGrpc),
             other => Err(InvalidValue::new(
                 "server kind",
-                format!("{other:?} is not one of \"v2ray\", \"outline\""),
+                format!("{other:?} is not one of \"v2ray\", \"outline\", \"xray-grpc\""),
             )),
         }
     }

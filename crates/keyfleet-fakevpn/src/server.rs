@@ -98,6 +98,12 @@ impl FakeServer {
                 );
                 (Box::new(api), None, Some(tls::self_signed()?), Some(secret))
             }
+            ServerKind::XrayGrpc => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the fake fleet has no xray-grpc node",
+                ));
+            }
         };
         let (closing, closing_rx) = watch::channel(false);
         let inner = Arc::new(Inner {

@@ -13,6 +13,10 @@ pub struct NewServer {
     pub api_key: Option<String>,
     pub cert_sha256: Option<String>,
     pub max_in_flight: i32,
+    /// xray-grpc: the node's settings (`keyfleet_vpn::GrpcSettings` as JSON).
+    pub grpc: Option<serde_json::Value>,
+    /// xray-grpc: the secret its users' uuids are derived from.
+    pub key_secret: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -26,6 +30,11 @@ pub struct Server {
     pub api_key: Option<String>,
     pub cert_sha256: Option<String>,
     pub max_in_flight: i32,
+    /// xray-grpc: inbound tag, API package, protocol and link parameters (no secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<serde_json::Value>,
+    #[serde(skip)]
+    pub key_secret: Option<String>,
     pub active: bool,
     pub config_generation: i64,
     /// Paused by an operator: no job of it is claimed until resumed.
@@ -58,7 +67,7 @@ impl std::fmt::Debug for Server {
     }
 }
 
-const SERVER_COLUMNS: &str = "id, name, kind, api_url, api_key, cert_sha256, max_in_flight, active, config_generation, paused, revision";
+const SERVER_COLUMNS: &str = "id, name, kind, api_url, api_key, cert_sha256, max_in_flight, grpc, key_secret, active, config_generation, paused, revision";
 
 fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
     let kind: String = row.try_get("kind")?;
@@ -72,6 +81,8 @@ fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
         api_key: row.try_get("api_key")?,
         cert_sha256: row.try_get("cert_sha256")?,
         max_in_flight: row.try_get("max_in_flight")?,
+        grpc: row.try_get("grpc")?,
+        key_secret: row.try_get("key_secret")?,
         active: row.try_get("active")?,
         config_generation: row.try_get("config_generation")?,
         paused: row.try_get("paused")?,
@@ -82,8 +93,8 @@ fn server_from_row(row: &sqlx::postgres::PgRow) -> Result<Server> {
 impl Store {
     pub async fn add_server(&self, new: &NewServer) -> Result<Server> {
         let row = sqlx::query(&format!(
-            "INSERT INTO servers (name, kind, api_url, api_key, cert_sha256, max_in_flight)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {SERVER_COLUMNS}"
+            "INSERT INTO servers (name, kind, api_url, api_key, cert_sha256, max_in_flight, grpc, key_secret)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {SERVER_COLUMNS}"
         ))
         .bind(&new.name)
         .bind(new.kind.as_str())
@@ -91,6 +102,8 @@ impl Store {
         .bind(&new.api_key)
         .bind(&new.cert_sha256)
         .bind(new.max_in_flight)
+        .bind(&new.grpc)
+        .bind(&new.key_secret)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| constraint_error(e, &format!("server {:?}", new.name)))?;

@@ -64,6 +64,8 @@ impl Db {
                 api_key: Some("secret".into()),
                 cert_sha256: None,
                 max_in_flight: 4,
+                grpc: None,
+                key_secret: None,
             })
             .await
             .unwrap()

@@ -104,6 +104,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// A gRPC node refused a call (any status not classified otherwise: unknown, invalid
+    /// argument, unimplemented, ...). `message` is the node's, cut to a size and made printable.
+    #[error("{server}: {endpoint} failed with gRPC status {code}: {message}")]
+    Rpc {
+        server: String,
+        endpoint: String,
+        code: String,
+        message: String,
+    },
+
     #[error(
         "{server}: key id {id:?} is taken by a key keyfleet did not create; \
          rename or delete that key on the server"
@@ -148,6 +158,7 @@ impl Error {
             | Self::Decode { .. }
             | Self::BodyTooLarge { .. }
             | Self::InvalidText { .. }
+            | Self::Rpc { .. }
             | Self::ForeignKey { .. } => FailureClass::Permanent,
         }
     }

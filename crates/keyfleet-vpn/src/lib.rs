@@ -1,5 +1,6 @@
-//! Clients for the two VPN server management APIs keyfleet drives: the V2Ray panel API
-//! (`shared/specs/v2ray-panel-api.md`) and the Outline server API (`shared/specs/outline-server-api.md`).
+//! Clients for the VPN server management APIs keyfleet drives: the V2Ray panel API
+//! (`shared/specs/v2ray-panel-api.md`), the Outline server API (`shared/specs/outline-server-api.md`),
+//! and the gRPC API of Xray-core and V2Ray nodes (`xray`).
 //!
 //! Invariants: one pooled HTTP client per server, built once and reused; creates are idempotent
 //! by the deterministic names of `keyfleet_core` (a retried create adopts the key an earlier
@@ -14,6 +15,7 @@ mod retry_after;
 mod text;
 mod tls;
 mod v2ray;
+mod xray;
 
 use std::{fmt, time::Duration};
 
@@ -27,6 +29,9 @@ pub use retry_after::{MAX_RETRY_AFTER, parse_retry_after};
 pub use text::{MAX_ID_BYTES, MAX_LINK_BYTES, MAX_NAME_BYTES};
 pub use tls::parse_cert_sha256;
 pub use v2ray::{V2rayClient, V2rayLink, V2rayStats, V2rayUser, V2rayUserStats};
+pub use xray::{
+    AccountKind, GrpcApi, GrpcSettings, LinkParams, LinkSecurity, XrayClient, build_link, proto,
+};
 
 /// Timeouts and pooling of the HTTP client of one server.
 #[derive(Clone, Debug)]
@@ -68,6 +73,10 @@ pub struct ServerEndpoint {
     /// Outline (required): the pinned leaf certificate's SHA-256, hex, case-insensitive, colons
     /// allowed. V2Ray (optional): pins a self-signed panel certificate the same way.
     pub cert_sha256: Option<String>,
+    /// xray-grpc (required): the inbound, the API package and the link parameters.
+    pub grpc: Option<GrpcSettings>,
+    /// xray-grpc (required): the secret the users' uuids are derived from.
+    pub key_secret: Option<String>,
 }
 
 impl fmt::Debug for ServerEndpoint {
@@ -78,6 +87,11 @@ impl fmt::Debug for ServerEndpoint {
             .field("api_url", &redact_url(&self.api_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("cert_sha256", &self.cert_sha256)
+            .field("grpc", &self.grpc)
+            .field(
+                "key_secret",
+                &self.key_secret.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -134,6 +148,7 @@ pub struct KeyTraffic {
 pub enum VpnClient {
     V2ray(V2rayClient),
     Outline(OutlineClient),
+    XrayGrpc(XrayClient),
 }
 
 impl fmt::Debug for VpnClient {
@@ -141,6 +156,7 @@ impl fmt::Debug for VpnClient {
         match self {
             Self::V2ray(c) => f.debug_tuple("V2ray").field(&c.server()).finish(),
             Self::Outline(c) => f.debug_tuple("Outline").field(&c.server()).finish(),
+            Self::XrayGrpc(c) => f.debug_tuple("XrayGrpc").field(&c.server()).finish(),
         }
     }
 }
@@ -152,6 +168,7 @@ impl VpnClient {
         Ok(match endpoint.kind {
             ServerKind::V2ray => Self::V2ray(V2rayClient::new(endpoint, config)?),
             ServerKind::Outline => Self::Outline(OutlineClient::new(endpoint, config)?),
+            ServerKind::XrayGrpc => Self::XrayGrpc(XrayClient::new(endpoint, config)?),
         })
     }
 
@@ -159,6 +176,7 @@ impl VpnClient {
         match self {
             Self::V2ray(_) => ServerKind::V2ray,
             Self::Outline(_) => ServerKind::Outline,
+            Self::XrayGrpc(_) => ServerKind::XrayGrpc,
         }
     }
 
@@ -167,6 +185,7 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.server(),
             Self::Outline(c) => c.server(),
+            Self::XrayGrpc(c) => c.server(),
         }
     }
 
@@ -177,6 +196,7 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.health().await,
             Self::Outline(c) => c.health().await,
+            Self::XrayGrpc(c) => c.health().await,
         }
     }
 
@@ -186,6 +206,8 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.ensure_key(sub, is_retry).await,
             Self::Outline(c) => c.ensure_key(sub, is_retry).await,
+            // The node refuses a second user with the email: an add is idempotent by itself.
+            Self::XrayGrpc(c) => c.ensure_key(sub).await,
         }
     }
 
@@ -194,6 +216,7 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.delete_user(server_key_id).await,
             Self::Outline(c) => c.remove_key(server_key_id).await,
+            Self::XrayGrpc(c) => c.delete_user(server_key_id).await,
         }
     }
 
@@ -202,6 +225,7 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => Ok(c.get_link(server_key_id).await?.link),
             Self::Outline(c) => c.fetch_link(server_key_id).await,
+            Self::XrayGrpc(c) => c.fetch_link(server_key_id),
         }
     }
 
@@ -222,6 +246,12 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.remote_keys().await,
             Self::Outline(c) => c.remote_keys().await,
+            Self::XrayGrpc(c) => Err(Error::Config {
+                reason: format!(
+                    "{}: a gRPC node has no list of its users (reconcile watches its marker user instead)",
+                    c.server()
+                ),
+            }),
         }
     }
 
@@ -230,6 +260,21 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.traffic().await,
             Self::Outline(c) => c.traffic().await,
+            Self::XrayGrpc(c) => c.traffic().await,
+        }
+    }
+
+    /// Whether [`VpnClient::list_keys`] works: not on a gRPC node.
+    pub fn can_list(&self) -> bool {
+        !matches!(self, Self::XrayGrpc(_))
+    }
+
+    /// The server key id the subscription's key has, where it is derived rather than chosen by
+    /// the server (a gRPC node: the email), so a delete needs no list to find it.
+    pub fn derived_key_id(&self, sub: &SubscriptionId) -> Option<String> {
+        match self {
+            Self::XrayGrpc(_) => Some(keyfleet_core::owned_v2ray_email(sub)),
+            Self::V2ray(_) | Self::Outline(_) => None,
         }
     }
 }
@@ -245,6 +290,8 @@ mod tests {
             api_url: Url::parse(url).unwrap(),
             api_key: None,
             cert_sha256: None,
+            grpc: None,
+            key_secret: None,
         }
     }
 

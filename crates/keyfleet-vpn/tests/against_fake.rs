@@ -20,6 +20,8 @@ fn endpoint_of(fake: &FakeServer) -> ServerEndpoint {
         api_url: Url::parse(&fake.api_url()).unwrap(),
         api_key: fake.api_key(),
         cert_sha256: fake.cert_sha256(),
+        grpc: None,
+        key_secret: None,
     }
 }
 
@@ -373,7 +375,7 @@ async fn health_is_one_cheap_request_and_refused_connections_are_retryable() {
         let m = fake.meter();
         let expected = match fake.kind() {
             ServerKind::V2ray => Endpoint::GetLink,
-            ServerKind::Outline => Endpoint::ServerInfo,
+            ServerKind::Outline | ServerKind::XrayGrpc => Endpoint::ServerInfo,
         };
         assert_eq!((m.total_requests, requests(&fake, expected)), (1, 1));
         assert!(matches!(m.log[0].status, 200 | 404), "{:?}", m.log);
@@ -799,7 +801,7 @@ async fn list_entries_with_bad_ids_are_skipped_and_bad_names_are_foreign() {
         let odd = fake.add_foreign_user("kf-s9\n");
         let id_field = match fake.kind() {
             ServerKind::V2ray => "uuid",
-            ServerKind::Outline => "id",
+            ServerKind::Outline | ServerKind::XrayGrpc => "id",
         };
         fake.inject(
             None,

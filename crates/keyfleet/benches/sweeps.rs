@@ -157,6 +157,8 @@ async fn run(sizes: Sizes, url: String, database: String, admin: Store) -> anyho
                 api_key: fake.api_key(),
                 cert_sha256: None,
                 max_in_flight: 4,
+                grpc: None,
+                key_secret: None,
             })
             .await?;
         let ids: Vec<String> = emails.iter().map(|e| fake.add_foreign_user(e)).collect();
@@ -186,6 +188,8 @@ async fn run(sizes: Sizes, url: String, database: String, admin: Store) -> anyho
                 api_key: Some("unused".into()),
                 cert_sha256: None,
                 max_in_flight: 4,
+                grpc: None,
+                key_secret: None,
             })
             .await?;
         store

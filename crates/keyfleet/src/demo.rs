@@ -87,7 +87,7 @@ pub async fn run(
     let fleet = FakeFleet::start(options.v2ray, options.outline, |kind, i| {
         let config = match kind {
             ServerKind::V2ray => FakeServerConfig::v2ray(),
-            ServerKind::Outline => FakeServerConfig::outline(),
+            ServerKind::Outline | ServerKind::XrayGrpc => FakeServerConfig::outline(),
         };
         config
             .with_latency(Latency::HeavyTail {
@@ -103,7 +103,7 @@ pub async fn run(
         let name = format!("{}-{}", fake.kind(), i + 1);
         let limit = match fake.kind() {
             ServerKind::V2ray => options.max_in_flight,
-            ServerKind::Outline => (options.max_in_flight / 2).max(1),
+            ServerKind::Outline | ServerKind::XrayGrpc => (options.max_in_flight / 2).max(1),
         };
         let new = validate_new_server(
             &name,
@@ -112,6 +112,7 @@ pub async fn run(
             fake.api_key().as_deref(),
             fake.cert_sha256().as_deref(),
             limit,
+            None,
         )?;
         store.add_server(&new).await?;
         names.push(name);

@@ -194,7 +194,8 @@ enum ServerCommand {
     Add {
         #[arg(long)]
         name: String,
-        /// v2ray or outline.
+        /// v2ray, outline or xray-grpc (an Xray-core/V2Ray node's own gRPC API: give
+        /// --inbound-tag and the --link-* parameters).
         #[arg(long)]
         kind: String,
         /// Panel URL (v2ray) or the apiUrl with its secret prefix (outline; prefer
@@ -216,6 +217,8 @@ enum ServerCommand {
         /// Most requests the whole fleet of workers may have in flight to this server.
         #[arg(long, default_value_t = 4)]
         max_in_flight: u32,
+        #[command(flatten)]
+        grpc: Box<keyfleet::servers::GrpcInput>,
     },
     /// List servers.
     List {
@@ -526,6 +529,7 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
             api_key_file,
             cert_sha256,
             max_in_flight,
+            grpc,
         } => {
             let api_url = server_secret(
                 "--api-url",
@@ -547,6 +551,7 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
                 api_key.as_deref(),
                 cert_sha256.as_deref(),
                 max_in_flight,
+                Some(grpc.as_ref()),
             )?;
             let server = store.add_server(&new).await?;
             settings

@@ -10,6 +10,10 @@ use parking_lot::RwLock;
 
 use crate::settings::read_secret_file;
 
+mod grpc;
+
+pub use grpc::{GrpcInput, validate_grpc};
+
 /// A secret `server add` takes: `value` from its flag or its variable (clap reads either), or the
 /// content of `file` (the flag's `-file` form). Errors name the flags and the path, never the
 /// secret.
@@ -53,6 +57,7 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidServer {
 }
 
 /// Checks `server add` input and turns it into a row to insert; every error names its field.
+/// An xray-grpc server gets a new random `key_secret` (its users' uuids derive from it).
 pub fn validate_new_server(
     name: &str,
     kind: &str,
@@ -60,6 +65,7 @@ pub fn validate_new_server(
     api_key: Option<&str>,
     cert_sha256: Option<&str>,
     max_in_flight: u32,
+    grpc: Option<&GrpcInput>,
 ) -> Result<NewServer, InvalidServer> {
     let valid_name = !name.is_empty()
         && name.len() <= 63
@@ -83,6 +89,29 @@ pub fn validate_new_server(
         .map_err(|e: keyfleet_core::InvalidValue| invalid("kind", e.to_string()))?;
     let api_url = validate_api_url(kind, api_url)?;
     validate_limit(max_in_flight)?;
+    if kind == ServerKind::XrayGrpc {
+        if api_key.is_some() {
+            return Err(invalid(
+                "api_key",
+                "not for xray-grpc servers: the node's gRPC API has no key (keep it on loopback or behind a tunnel)",
+            ));
+        }
+        if cert_sha256.is_some() {
+            return Err(invalid("cert_sha256", "only for outline servers"));
+        }
+        let settings = validate_grpc(grpc.unwrap_or(&GrpcInput::default()))?;
+        return Ok(NewServer {
+            name: name.to_owned(),
+            kind,
+            api_url,
+            api_key: None,
+            cert_sha256: None,
+            max_in_flight: max_in_flight as i32,
+            grpc: Some(serde_json::to_value(&settings).expect("settings serialise")),
+            key_secret: Some(uuid::Uuid::new_v4().simple().to_string()),
+        });
+    }
+    grpc::reject_grpc_input(grpc, kind.as_str())?;
     let (api_key, cert_sha256) = match kind {
         ServerKind::V2ray => {
             if cert_sha256.is_some() {
@@ -94,6 +123,8 @@ pub fn validate_new_server(
             let key = api_key.ok_or_else(|| invalid("api_key", "required for a v2ray server"))?;
             (Some(validate_api_key(key)?), None)
         }
+        // Returned above.
+        ServerKind::XrayGrpc => (None, None),
         ServerKind::Outline => {
             if api_key.is_some() {
                 return Err(invalid(
@@ -113,6 +144,8 @@ pub fn validate_new_server(
         api_key,
         cert_sha256,
         max_in_flight: max_in_flight as i32,
+        grpc: None,
+        key_secret: None,
     })
 }
 
@@ -131,6 +164,12 @@ pub fn validate_api_url(kind: ServerKind, api_url: &str) -> Result<String, Inval
         return Err(invalid(
             "api_url",
             "must be https:// for an outline server (its certificate is pinned)",
+        ));
+    }
+    if kind == ServerKind::XrayGrpc && (url.scheme() != "http" || !matches!(url.path(), "" | "/")) {
+        return Err(invalid(
+            "api_url",
+            "must be http://HOST:PORT for an xray-grpc server (the node's API inbound speaks plaintext HTTP/2; no path)",
         ));
     }
     Ok(url.to_string().trim_end_matches('/').to_owned())
@@ -179,6 +218,18 @@ pub fn endpoint_of(server: &Server) -> anyhow::Result<ServerEndpoint> {
         })?,
         api_key: server.api_key.clone(),
         cert_sha256: server.cert_sha256.clone(),
+        grpc: server
+            .grpc
+            .clone()
+            .map(serde_json::from_value)
+            .transpose()
+            .with_context(|| {
+                format!(
+                    "server {:?} has invalid gRPC settings in the database",
+                    server.name
+                )
+            })?,
+        key_secret: server.key_secret.clone(),
     })
 }
 
@@ -338,7 +389,8 @@ mod tests {
                 "http://h",
                 Some("k"),
                 None,
-                4
+                4,
+                None
             ))
             .contains("--kind")
         );
@@ -349,7 +401,8 @@ mod tests {
                 "not a url",
                 Some("k"),
                 None,
-                4
+                4,
+                None
             ))
             .contains("--api-url")
         );
@@ -360,12 +413,16 @@ mod tests {
                 "ftp://h",
                 Some("k"),
                 None,
-                4
+                4,
+                None
             ))
             .contains("--api-url")
         );
         assert!(
-            err(validate_new_server("a", "v2ray", "http://h", None, None, 4)).contains("--api-key")
+            err(validate_new_server(
+                "a", "v2ray", "http://h", None, None, 4, None
+            ))
+            .contains("--api-key")
         );
         assert!(
             err(validate_new_server(
@@ -374,7 +431,8 @@ mod tests {
                 "https://h/x",
                 None,
                 Some("zz"),
-                4
+                4,
+                None
             ))
             .contains("--cert-sha256")
         );
@@ -385,7 +443,8 @@ mod tests {
                 "http://h",
                 Some("k"),
                 None,
-                4
+                4,
+                None
             ))
             .contains("--name")
         );
@@ -396,7 +455,8 @@ mod tests {
                 "http://h",
                 Some("k"),
                 None,
-                0
+                0,
+                None
             ))
             .contains("--max-in-flight")
         );
@@ -407,6 +467,7 @@ mod tests {
             None,
             Some(&"ab".repeat(32)),
             2,
+            None,
         )
         .unwrap();
         assert_eq!(ok.cert_sha256.unwrap(), "AB".repeat(32));
@@ -416,7 +477,7 @@ mod tests {
     #[test]
     fn a_bad_api_url_is_never_echoed() {
         for bad in ["https://h:99999/s3cret", "ftp://h/s3cret", "s3cret"] {
-            let e = validate_new_server("a", "outline", bad, None, Some(&"ab".repeat(32)), 2)
+            let e = validate_new_server("a", "outline", bad, None, Some(&"ab".repeat(32)), 2, None)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("--api-url") && !e.contains("s3cret"), "{e}");

@@ -123,7 +123,7 @@ async fn creates_slow_down_with_the_key_count_and_queue() {
 async fn fleet_sums_meters_and_shuts_down() {
     let fleet = FakeFleet::start(2, 1, |kind, i| match kind {
         ServerKind::V2ray => FakeServerConfig::v2ray().with_seed(i as u64),
-        ServerKind::Outline => FakeServerConfig::outline(),
+        ServerKind::Outline | ServerKind::XrayGrpc => FakeServerConfig::outline(),
     })
     .await
     .unwrap();

@@ -18,8 +18,8 @@ use super::{
     error::{ApiError, ApiResult, Body, BodyRejected, ErrorBody, Guarded},
 };
 use crate::servers::{
-    InvalidServer, validate_api_key, validate_api_url, validate_cert_sha256, validate_limit,
-    validate_new_server,
+    GrpcInput, InvalidServer, validate_api_key, validate_api_url, validate_cert_sha256,
+    validate_limit, validate_new_server,
 };
 
 /// A server as the API shows it: no credentials (the API key, Outline's secret URL prefix).
@@ -27,11 +27,14 @@ use crate::servers::{
 pub struct ServerView {
     pub id: i64,
     pub name: String,
-    /// v2ray or outline.
+    /// v2ray, outline or xray-grpc.
     pub kind: String,
     /// Scheme, host and port of the API URL (the path, which holds Outline's secret, is left out).
     pub api_origin: String,
     pub cert_sha256: Option<String>,
+    /// xray-grpc: inbound tag, API package, protocol and link parameters.
+    #[schema(value_type = Option<Object>)]
+    pub grpc: Option<serde_json::Value>,
     pub max_in_flight: i32,
     pub active: bool,
     pub paused: bool,
@@ -50,6 +53,7 @@ impl From<Server> for ServerView {
             kind: s.kind.as_str().into(),
             api_origin,
             cert_sha256: s.cert_sha256,
+            grpc: s.grpc,
             max_in_flight: s.max_in_flight,
             active: s.active,
             paused: s.paused,
@@ -76,15 +80,19 @@ pub struct NewServerRequest {
     /// Requests the whole fleet of workers may have in flight to it (1-1000, default 4).
     #[schema(minimum = 1, maximum = 1000)]
     pub max_in_flight: Option<u32>,
+    /// xray-grpc (required there, refused elsewhere): the inbound, the API package and the link
+    /// parameters. The api_url is the node's API inbound, `http://HOST:PORT`.
+    pub grpc: Option<GrpcInput>,
 }
 
 /// The kinds of server keyfleet drives.
 #[derive(ToSchema)]
-#[schema(rename_all = "lowercase")]
+#[schema(rename_all = "kebab-case")]
 #[allow(dead_code)] // documents the accepted values; parsed by `ServerKind`
 pub enum ServerKindName {
     V2ray,
     Outline,
+    XrayGrpc,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -150,6 +158,7 @@ pub async fn add(
         request.api_key.as_deref(),
         request.cert_sha256.as_deref(),
         request.max_in_flight.unwrap_or(4),
+        request.grpc.as_ref(),
     )
     .map_err(field_error)?;
     let server = state.store.add_server(&new).await?;

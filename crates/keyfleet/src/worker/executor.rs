@@ -281,7 +281,7 @@ impl Executor {
             None => {
                 let looked_first = verify || existing.is_some() || job.tried_before();
                 let key = client.ensure_key(subscription, looked_first).await?;
-                if looked_first && !key.adopted {
+                if looked_first && !key.adopted && client.can_list() {
                     // An earlier try may still have created a copy our lookup could not see yet (its
                     // request was in flight). On a server without a uniqueness check that is a second
                     // key: keep ours, the one Postgres will hold, and remove any other.
@@ -346,14 +346,18 @@ impl Executor {
             Some(id) => vec![id.to_owned()],
             None => match known {
                 Some(id) => vec![id],
-                // Postgres never learnt the id (e.g. the create's response was lost): ask the server.
-                None => client
-                    .list_keys()
-                    .await?
-                    .into_iter()
-                    .filter(|k| k.owner.as_ref() == Some(subscription))
-                    .map(|k| k.server_key_id)
-                    .collect(),
+                // Postgres never learnt the id (e.g. the create's response was lost): derive it
+                // (a gRPC node: the email), or ask the server.
+                None => match client.derived_key_id(subscription) {
+                    Some(id) => vec![id],
+                    None => client
+                        .list_keys()
+                        .await?
+                        .into_iter()
+                        .filter(|k| k.owner.as_ref() == Some(subscription))
+                        .map(|k| k.server_key_id)
+                        .collect(),
+                },
             },
         };
         for id in &ids {
@@ -398,6 +402,9 @@ impl Executor {
         client: &VpnClient,
         server: ServerId,
     ) -> Result<Step, JobError> {
+        if let VpnClient::XrayGrpc(node) = client {
+            return self.reconcile_unlisted(node, server).await;
+        }
         // Postgres is read before the list and again after it. What is missing on the server is
         // judged from the first read (a create that finished after the list is not "lost"); what is
         // to be deleted from both (a purchase whose key appeared in the list after the first read
@@ -409,6 +416,75 @@ impl Executor {
         let after = self.store.stored_keys(server).await?;
         let mut plan = reconcile::diff(&stored, &remote);
         plan.keep_only_what(&reconcile::diff(&after, &remote));
+        self.write_lost(job, server, &plan).await?;
+        let enqueued = self.enqueue_plan(server, &plan).await?;
+        tracing::info!(
+            remote = remote.len(),
+            stored = stored.len(),
+            create = plan.create.len(),
+            lost = plan.lost.len(),
+            adopt = plan.adopt.len(),
+            delete = plan.delete.len(),
+            foreign = plan.foreign,
+            enqueued,
+            "Reconciled server."
+        );
+        Ok(Step::Done)
+    }
+
+    /// Reconcile of a node with no list call (an Xray/V2Ray node over gRPC, which keeps API-added
+    /// users in memory only). Its marker user tells whether it forgot them (a restart) since the
+    /// last reconcile: if so, every wanted key is created again, as jobs through the queue (so at
+    /// most the server's limit at a time; each add that meets "already exists" adopts). If the
+    /// repairs cannot be queued, the marker is removed again so the next reconcile sees the
+    /// restart too.
+    async fn reconcile_unlisted(
+        &self,
+        node: &keyfleet_vpn::XrayClient,
+        server: ServerId,
+    ) -> Result<Step, JobError> {
+        let stored = self.store.stored_keys(server).await?;
+        let restarted = node.marker_was_missing().await?;
+        self.store.requeue_failed_keys(server).await?;
+        if !restarted {
+            tracing::info!(
+                stored = stored.len(),
+                "Reconciled server: the node kept its users."
+            );
+            return Ok(Step::Done);
+        }
+        let after = self.store.stored_keys(server).await?;
+        let mut plan = reconcile::diff(&stored, &[]);
+        plan.keep_only_what(&reconcile::diff(&after, &[]));
+        // Not recorded as lost: the first reconcile of a node cannot tell a restart from a node
+        // that never had the marker, and each create adopts a user that is still there, so the
+        // keys stay active (with their unchanged links) while they are added again.
+        plan.lost.clear();
+        let enqueued = match self.enqueue_plan(server, &plan).await {
+            Ok(enqueued) => enqueued,
+            Err(e) => {
+                if let Err(undo) = node.forget_marker().await {
+                    tracing::warn!(error = %undo, "Could not remove the marker user after a failed reconcile; its restart may go unnoticed until the next one.");
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            stored = stored.len(),
+            create = plan.create.len(),
+            lost = plan.lost.len(),
+            enqueued,
+            "Reconciled server: the node had lost its users (restart); adding every wanted user again."
+        );
+        Ok(Step::Done)
+    }
+
+    async fn write_lost(
+        &self,
+        job: &ClaimedJob,
+        server: ServerId,
+        plan: &reconcile::Plan,
+    ) -> Result<(), JobError> {
         let lost = plan.lost.iter().map(|sub| {
             self.writeback.write(KeyWrite::Lost {
                 subscription: sub.clone(),
@@ -424,6 +500,15 @@ impl Executor {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Enqueues the plan's repairs and counts its drift; returns how many jobs were new.
+    async fn enqueue_plan(
+        &self,
+        server: ServerId,
+        plan: &reconcile::Plan,
+    ) -> Result<usize, JobError> {
         let jobs: Vec<JobPayload> = plan
             .create
             .iter()
@@ -464,18 +549,7 @@ impl Executor {
             )
             .increment(keys as u64);
         }
-        tracing::info!(
-            remote = remote.len(),
-            stored = stored.len(),
-            create = plan.create.len(),
-            lost = plan.lost.len(),
-            adopt = plan.adopt.len(),
-            delete = plan.delete.len(),
-            foreign = plan.foreign,
-            enqueued,
-            "Reconciled server."
-        );
-        Ok(Step::Done)
+        Ok(enqueued)
     }
 
     async fn collect_traffic(
@@ -491,7 +565,7 @@ impl Executor {
             .map(|t| (t.server_key_id, i64::try_from(t.bytes).unwrap_or(i64::MAX)))
             .collect();
         let kind = match client.kind() {
-            ServerKind::V2ray => TrafficKind::Cumulative,
+            ServerKind::V2ray | ServerKind::XrayGrpc => TrafficKind::Cumulative,
             ServerKind::Outline => TrafficKind::RollingWindow,
         };
         match self

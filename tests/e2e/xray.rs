@@ -1,0 +1,374 @@
+//! The `xray-grpc` kind against a real V2Ray node (Debian's `v2ray`, installed by `.ci/run`): a
+//! `v2ray` process on loopback with an API inbound (HandlerService, StatsService) and a VLESS
+//! inbound, both on free ports. Provisioning goes through a real worker process; what the node
+//! holds is checked by asking the node itself. No mock of the node.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use keyfleet::producer::Producer;
+use keyfleet_core::{ServerId, SubscriptionId, owned_v2ray_email};
+use keyfleet_vpn::{ClientConfig, DeleteOutcome, VpnClient, XrayClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    harness::{TestEnv, chaos::free_port, eventually, sweeping::spawn_worker},
+    support::{provision_many, subscriptions, wait_for_active},
+};
+
+const INBOUND: &str = "vless-in";
+
+/// A `v2ray` process of this test. Dropping it kills it.
+struct V2rayNode {
+    child: Option<Child>,
+    config: PathBuf,
+    api_port: u16,
+    vless_port: u16,
+}
+
+/// The `v2ray` binary; a clear failure (not a skip) when it is missing: `.ci/run` installs it.
+fn v2ray_binary() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("v2ray"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the v2ray binary is not on PATH: these tests run a real V2Ray node. \
+             Install Debian's package (`apt-get install v2ray`; .ci/run does this)."
+        )
+    })
+}
+
+impl V2rayNode {
+    async fn start() -> Self {
+        let api_port = free_port();
+        let vless_port = free_port();
+        let dir = std::env::temp_dir().join("keyfleet-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join(format!("v2ray-{}.json", uuid::Uuid::new_v4().simple()));
+        let json = serde_json::json!({
+            "log": {"loglevel": "warning"},
+            "api": {"tag": "api", "services": ["HandlerService", "StatsService"]},
+            "stats": {},
+            "policy": {"levels": {"0": {"statsUserUplink": true, "statsUserDownlink": true}}},
+            "inbounds": [
+                {"tag": "api", "listen": "127.0.0.1", "port": api_port,
+                 "protocol": "dokodemo-door", "settings": {"address": "127.0.0.1"}},
+                {"tag": INBOUND, "listen": "127.0.0.1", "port": vless_port,
+                 "protocol": "vless", "settings": {"clients": [], "decryption": "none"}}
+            ],
+            "outbounds": [{"tag": "direct", "protocol": "freedom"}],
+            "routing": {"rules": [{"type": "field", "inboundTag": ["api"], "outboundTag": "api"}]}
+        });
+        std::fs::write(&config, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+        let mut node = Self {
+            child: None,
+            config,
+            api_port,
+            vless_port,
+        };
+        node.spawn().await;
+        node
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(v2ray_binary())
+            .arg("-config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("v2ray starts");
+        self.child = Some(child);
+        let probe = std::net::SocketAddr::from(([127, 0, 0, 1], self.api_port));
+        eventually(
+            Duration::from_secs(20),
+            "the v2ray API port to listen",
+            || async { tokio::net::TcpStream::connect(probe).await.ok().map(drop) },
+        )
+        .await;
+    }
+
+    /// Kills the node and starts it again on the same ports: it forgets every user added over
+    /// the API, and its traffic counters start at zero.
+    async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+}
+
+impl Drop for V2rayNode {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// The node's client, built from the server's row as a worker builds it.
+async fn node_client(env: &TestEnv, name: &str) -> (ServerId, XrayClient) {
+    let server = env.store.server_by_name(name).await.unwrap();
+    let endpoint = keyfleet::servers::endpoint_of(&server).unwrap();
+    match VpnClient::new(&endpoint, &ClientConfig::default()).unwrap() {
+        VpnClient::XrayGrpc(c) => (server.id, c),
+        other => panic!("expected an xray-grpc client, got {other:?}"),
+    }
+}
+
+/// Whether the node has the subscription's user: adding it again must answer "already exists"
+/// (adopted). Adds it if it was not there, so only for users that should exist.
+async fn node_has_user(node: &XrayClient, sub: &SubscriptionId) -> bool {
+    node.ensure_key(sub).await.unwrap().adopted
+}
+
+/// A TCP echo server on loopback; returns its port.
+async fn echo_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `bytes` through the node's VLESS inbound as the user of `link` (its uuid, address and
+/// port) to the echo server, and reads them back: real user traffic the node counts.
+async fn vless_round_trip(link: &str, echo_port: u16, bytes: usize) {
+    let url = url::Url::parse(link).unwrap();
+    let uuid = uuid::Uuid::parse_str(url.username()).unwrap();
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // VLESS request: version 0, uuid, no addons, command 1 (TCP), port, address type 1 (IPv4).
+    let mut header = vec![0u8];
+    header.extend_from_slice(uuid.as_bytes());
+    header.extend_from_slice(&[0, 1]);
+    header.extend_from_slice(&echo_port.to_be_bytes());
+    header.extend_from_slice(&[1, 127, 0, 0, 1]);
+    let payload = vec![b'k'; bytes];
+    header.extend_from_slice(&payload);
+    stream.write_all(&header).await.unwrap();
+    // Response: version 0, addons length, then the echoed bytes.
+    let mut response = vec![0u8; 2 + bytes];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut response))
+        .await
+        .expect("the echo comes back through the node")
+        .unwrap();
+    assert_eq!(&response[..2], &[0, 0]);
+    assert_eq!(&response[2..], &payload[..]);
+}
+
+async fn traffic_of(env: &TestEnv, sub: &SubscriptionId, server: ServerId) -> i64 {
+    env.store.key_traffic(sub, server).await.unwrap().unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_v2ray_node_is_provisioned_restored_after_a_restart_and_metered() {
+    let mut node = V2rayNode::start().await;
+    let env = TestEnv::new().await;
+    let vless_port = node.vless_port.to_string();
+    let api_url = node.api_url();
+    let base = [
+        "server",
+        "add",
+        "--name",
+        "node-1",
+        "--kind",
+        "xray-grpc",
+        "--api-url",
+        &api_url,
+    ];
+    for (extra, flag) in [
+        (
+            &["--link-address", "127.0.0.1", "--link-port", "1"][..],
+            "--inbound-tag",
+        ),
+        (
+            &["--inbound-tag", INBOUND, "--link-port", "1"][..],
+            "--link-address",
+        ),
+        (
+            &[
+                "--inbound-tag",
+                INBOUND,
+                "--link-address",
+                "127.0.0.1",
+                "--link-port",
+                "1",
+                "--link-security",
+                "reality",
+            ][..],
+            "--link-public-key",
+        ),
+    ] {
+        let out = env.run(&[&base[..], extra].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(flag),
+            "{flag}: {stderr}"
+        );
+    }
+    env.ok(&[
+        "server",
+        "add",
+        "--name",
+        "node-1",
+        "--kind",
+        "xray-grpc",
+        "--api-url",
+        &node.api_url(),
+        "--inbound-tag",
+        INBOUND,
+        "--link-address",
+        "127.0.0.1",
+        "--link-port",
+        &vless_port,
+        "--max-in-flight",
+        "4",
+    ]);
+    let (server, client) = node_client(&env, "node-1").await;
+    let mut worker = spawn_worker(&env, 8, &[]);
+
+    // Provision 50 subscriptions through the worker.
+    let subs = subscriptions("grpc", 50);
+    provision_many(&env, &subs).await;
+    wait_for_active(&env, 50, Duration::from_secs(60)).await;
+    for sub in &subs {
+        let row = env.store.key_row(sub, server).await.unwrap().unwrap();
+        assert_eq!(row.state, "active");
+        assert_eq!(
+            row.server_key_id.as_deref(),
+            Some(owned_v2ray_email(sub).as_str())
+        );
+        let link = row.link.expect("the link is stored");
+        let expected = format!(
+            "vless://{}@127.0.0.1:{}?encryption=none&security=none&type=tcp#node-1",
+            client.user_uuid(sub),
+            node.vless_port
+        );
+        assert_eq!(link, expected);
+        assert!(node_has_user(&client, sub).await, "{sub} is on the node");
+    }
+
+    // Real traffic through the node, collected into Postgres.
+    let echo = echo_server().await;
+    let metered = &subs[0];
+    let link = env.store.key_link(metered, server).await.unwrap().unwrap();
+    vless_round_trip(&link, echo, 20_000).await;
+    env.ok(&["sweep", "traffic"]);
+    let before_restart = eventually(Duration::from_secs(20), "traffic collected", || async {
+        let bytes = traffic_of(&env, metered, server).await;
+        (bytes >= 40_000).then_some(bytes)
+    })
+    .await;
+
+    // The first reconcile plants the marker user (and finds every user there); the second sees
+    // the node kept its users.
+    env.ok(&["sweep", "reconcile"]);
+    eventually(Duration::from_secs(20), "the first reconcile", || async {
+        worker
+            .log()
+            .contains("adding every wanted user again")
+            .then_some(())
+    })
+    .await;
+    env.ok(&["sweep", "reconcile"]);
+    eventually(Duration::from_secs(20), "the second reconcile", || async {
+        worker
+            .log()
+            .contains("the node kept its users")
+            .then_some(())
+    })
+    .await;
+
+    // A restart forgets every user added over the API: reconcile notices and restores them all.
+    node.restart().await;
+    let email = owned_v2ray_email(&subs[1]);
+    assert_eq!(
+        client.delete_user(&email).await.unwrap(),
+        DeleteOutcome::AlreadyGone,
+        "the restarted node forgot its users"
+    );
+    let restarted_at = chrono::Utc::now();
+    env.ok(&["sweep", "reconcile"]);
+    eventually(
+        Duration::from_secs(60),
+        "every user added again",
+        || async {
+            for sub in &subs {
+                let row = env.store.key_row(sub, server).await.unwrap().unwrap();
+                if row.state != "active" || row.updated_at < restarted_at {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    let restores = worker
+        .log()
+        .matches("adding every wanted user again")
+        .count();
+    assert_eq!(
+        restores, 2,
+        "the first reconcile and the one after the restart"
+    );
+    for sub in &subs {
+        assert!(
+            node_has_user(&client, sub).await,
+            "{sub} is back on the node"
+        );
+    }
+
+    // Counters restarted at zero: the next reading adds to the total instead of going back.
+    vless_round_trip(&link, echo, 5_000).await;
+    env.ok(&["sweep", "traffic"]);
+    eventually(
+        Duration::from_secs(20),
+        "traffic after the restart",
+        || async {
+            let bytes = traffic_of(&env, metered, server).await;
+            (bytes >= before_restart + 10_000).then_some(())
+        },
+    )
+    .await;
+
+    // Deprovision removes every user from the node.
+    let producer = Producer::new(env.store.clone(), env.queue.clone());
+    for sub in &subs {
+        producer.deprovision(sub).await.unwrap();
+    }
+    eventually(Duration::from_secs(60), "every key deleted", || async {
+        (env.store.count_keys_in_state("deleted").await.unwrap() == 50).then_some(())
+    })
+    .await;
+    for sub in &subs {
+        assert_eq!(
+            client.delete_user(&owned_v2ray_email(sub)).await.unwrap(),
+            DeleteOutcome::AlreadyGone,
+            "{sub} was removed from the node"
+        );
+    }
+    assert!(worker.terminate(Duration::from_secs(20)).success());
+    env.cleanup().await;
+}
