@@ -17,3 +17,7 @@ ALTER TABLE servers ADD CONSTRAINT servers_credentials_match_kind CHECK (
     OR (kind = 'xray-grpc' AND api_key IS NULL AND cert_sha256 IS NULL AND api_url ~ '^http://'
         AND jsonb_typeof(grpc) = 'object' AND key_secret IS NOT NULL)
 );
+
+-- xray-grpc: when the node last said it started (now − its uptime), at the last traffic reading.
+-- A later start means its counters restarted at zero.
+ALTER TABLE servers ADD COLUMN node_started_at TIMESTAMPTZ;

@@ -61,6 +61,11 @@ pub enum TrafficOutcome {
 pub enum TrafficKind {
     /// Cumulative counters that reset to 0 when the server restarts (V2Ray/Xray).
     Cumulative,
+    /// Cumulative counters of a node that says when it started (a gRPC node: now − uptime).
+    /// A start later than the last reading's means the counters restarted at 0: every reading
+    /// is then new traffic, even one above the last raw value (which [`Self::Cumulative`] would
+    /// take for growth and undercount).
+    CumulativeSince(DateTime<Utc>),
     /// A rolling-window figure that may go down (Outline's 30 days).
     RollingWindow,
 }
@@ -238,8 +243,43 @@ impl Store {
     ) -> Result<TrafficOutcome> {
         let ids: Vec<&str> = readings.iter().map(|(id, _)| id.as_str()).collect();
         let bytes: Vec<i64> = readings.iter().map(|(_, b)| (*b).max(0)).collect();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT traffic_fence, node_started_at FROM servers WHERE id = $1 FOR UPDATE",
+        )
+        .bind(server.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row_fence: i64 = row.try_get(0)?;
+        let last_start: Option<DateTime<Utc>> = row.try_get(1)?;
+        if row_fence >= fence {
+            return Ok(TrafficOutcome::Fenced { row_fence });
+        }
+        // The start is now − uptime in whole seconds, read at another instant each time: under
+        // two seconds apart is the same start (a node that restarts within two seconds of its
+        // last start is taken for the same life).
+        let restarted = match (kind, last_start) {
+            (TrafficKind::CumulativeSince(started), Some(last)) => {
+                started > last + chrono::Duration::seconds(2)
+            }
+            _ => false,
+        };
+        if let TrafficKind::CumulativeSince(started) = kind {
+            sqlx::query("UPDATE servers SET node_started_at = $2 WHERE id = $1")
+                .bind(server.0)
+                .bind(started)
+                .execute(&mut *tx)
+                .await?;
+        }
         let sql = match kind {
-            TrafficKind::Cumulative => {
+            TrafficKind::Cumulative | TrafficKind::CumulativeSince(_) if restarted => {
+                "UPDATE keys k SET
+                     traffic_bytes = k.traffic_bytes + u.raw,
+                     traffic_last_raw = u.raw, traffic_updated_at = now()
+                 FROM UNNEST($2::text[], $3::bigint[]) AS u(id, raw)
+                 WHERE k.server_id = $1 AND k.server_key_id = u.id"
+            }
+            TrafficKind::Cumulative | TrafficKind::CumulativeSince(_) => {
                 "UPDATE keys k SET
                      traffic_bytes = k.traffic_bytes + CASE
                          WHEN k.traffic_last_raw IS NULL OR u.raw < k.traffic_last_raw THEN u.raw
@@ -254,16 +294,6 @@ impl Store {
                  WHERE k.server_id = $1 AND k.server_key_id = u.id"
             }
         };
-        let mut tx = self.pool.begin().await?;
-        let row_fence: i64 =
-            sqlx::query("SELECT traffic_fence FROM servers WHERE id = $1 FOR UPDATE")
-                .bind(server.0)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-        if row_fence >= fence {
-            return Ok(TrafficOutcome::Fenced { row_fence });
-        }
         sqlx::query("UPDATE servers SET traffic_fence = $2 WHERE id = $1")
             .bind(server.0)
             .bind(fence)
@@ -279,7 +309,9 @@ impl Store {
         // traffic since the counters (re)started, so its next reading counts from 0, not from its
         // reading before the reset; Outline leaves out keys with no bytes in its window.
         let missing = match kind {
-            TrafficKind::Cumulative => "traffic_last_raw = 0 WHERE k.traffic_last_raw > 0 AND",
+            TrafficKind::Cumulative | TrafficKind::CumulativeSince(_) => {
+                "traffic_last_raw = 0 WHERE k.traffic_last_raw > 0 AND"
+            }
             TrafficKind::RollingWindow => {
                 "traffic_window_bytes = 0 WHERE k.traffic_window_bytes > 0 AND"
             }

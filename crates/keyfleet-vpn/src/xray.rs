@@ -11,6 +11,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
 use keyfleet_core::{ServerKind, SubscriptionId, owned_marker_email, owned_v2ray_email};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -424,6 +425,28 @@ impl XrayClient {
                 bytes,
             })
             .collect())
+    }
+
+    /// [`Self::traffic`] with when the node started (now − uptime), read before and after it: a
+    /// node that restarted in between gave counters of either life, so that reading is
+    /// [`Error::Interrupted`] (retryable) instead.
+    pub async fn traffic_since_start(&self) -> Result<(Vec<KeyTraffic>, DateTime<Utc>)> {
+        let before = self.started_at().await?;
+        let traffic = self.traffic().await?;
+        let after = self.started_at().await?;
+        if (after - before).abs() > chrono::Duration::seconds(5) {
+            return Err(Error::Interrupted {
+                server: self.server().to_owned(),
+                endpoint: Rpc::QueryStats.label().to_owned(),
+                detail: "the node restarted during the reading".into(),
+            });
+        }
+        Ok((traffic, after))
+    }
+
+    async fn started_at(&self) -> Result<DateTime<Utc>> {
+        let uptime = self.uptime().await?;
+        Ok(Utc::now() - chrono::Duration::from_std(uptime).unwrap_or_default())
     }
 
     async fn add_user(&self, email: &str, uuid: uuid::Uuid) -> Result<Altered> {

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use apalis_core::{error::BoxDynError, task::data::Data};
-use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, ServerKind, SubscriptionId};
+use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{
     BreakerEvent, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff,
 };
@@ -558,16 +558,18 @@ impl Executor {
         client: &VpnClient,
         server: ServerId,
     ) -> Result<Step, JobError> {
-        let readings: Vec<(String, i64)> = client
-            .traffic()
-            .await?
+        let (traffic, kind) = match client {
+            VpnClient::XrayGrpc(node) => {
+                let (traffic, started) = node.traffic_since_start().await?;
+                (traffic, TrafficKind::CumulativeSince(started))
+            }
+            VpnClient::V2ray(_) => (client.traffic().await?, TrafficKind::Cumulative),
+            VpnClient::Outline(_) => (client.traffic().await?, TrafficKind::RollingWindow),
+        };
+        let readings: Vec<(String, i64)> = traffic
             .into_iter()
             .map(|t| (t.server_key_id, i64::try_from(t.bytes).unwrap_or(i64::MAX)))
             .collect();
-        let kind = match client.kind() {
-            ServerKind::V2ray | ServerKind::XrayGrpc => TrafficKind::Cumulative,
-            ServerKind::Outline => TrafficKind::RollingWindow,
-        };
         match self
             .store
             .record_traffic(server, kind, job.fence, &readings)
