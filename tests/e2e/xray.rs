@@ -11,7 +11,10 @@ use std::{
 
 use keyfleet::producer::Producer;
 use keyfleet_core::{ServerId, SubscriptionId, owned_v2ray_email};
-use keyfleet_vpn::{ClientConfig, DeleteOutcome, VpnClient, XrayClient};
+use keyfleet_vpn::{
+    AccountKind, ClientConfig, DeleteOutcome, GrpcApi, GrpcSettings, LinkParams, LinkSecurity,
+    ServerEndpoint, VpnClient, XrayClient,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
@@ -60,7 +63,9 @@ impl V2rayNode {
                 {"tag": "api", "listen": "127.0.0.1", "port": api_port,
                  "protocol": "dokodemo-door", "settings": {"address": "127.0.0.1"}},
                 {"tag": INBOUND, "listen": "127.0.0.1", "port": vless_port,
-                 "protocol": "vless", "settings": {"clients": [], "decryption": "none"}}
+                 "protocol": "vless", "settings": {"clients": [], "decryption": "none"}},
+                {"tag": "vmess-in", "listen": "127.0.0.1", "port": free_port(),
+                 "protocol": "vmess", "settings": {"clients": []}}
             ],
             "outbounds": [{"tag": "direct", "protocol": "freedom"}],
             "routing": {"rules": [{"type": "field", "inboundTag": ["api"], "outboundTag": "api"}]}
@@ -377,4 +382,88 @@ async fn a_real_v2ray_node_is_provisioned_restored_after_a_restart_and_metered()
     }
     assert!(worker.terminate(Duration::from_secs(20)).success());
     env.cleanup().await;
+}
+
+/// A client of `node` for the inbound `tag`, built directly (no server row).
+fn direct_client(
+    node: &V2rayNode,
+    tag: &str,
+    protocol: AccountKind,
+    api: Option<GrpcApi>,
+) -> XrayClient {
+    let endpoint = ServerEndpoint {
+        name: "direct".into(),
+        kind: keyfleet_core::ServerKind::XrayGrpc,
+        api_url: url::Url::parse(&node.api_url()).unwrap(),
+        api_key: None,
+        cert_sha256: None,
+        grpc: Some(GrpcSettings {
+            inbound_tag: tag.into(),
+            api,
+            protocol,
+            link: LinkParams {
+                address: "127.0.0.1".into(),
+                port: 443,
+                security: LinkSecurity::Tls,
+                network: "ws".into(),
+                sni: None,
+                fingerprint: None,
+                alpn: None,
+                public_key: None,
+                short_id: None,
+                spider_x: None,
+                flow: None,
+                path: Some("/ws".into()),
+                host: None,
+                service_name: None,
+                remark: None,
+            },
+        }),
+        key_secret: Some("test-secret".into()),
+    };
+    match VpnClient::new(&endpoint, &ClientConfig::default()).unwrap() {
+        VpnClient::XrayGrpc(c) => c,
+        other => panic!("expected an xray-grpc client, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn vmess_users_and_the_duplicate_and_missing_answers_of_a_real_node() {
+    let node = V2rayNode::start().await;
+    let sub = SubscriptionId::parse("vm-1").unwrap();
+    let email = owned_v2ray_email(&sub);
+    let vmess = direct_client(&node, "vmess-in", AccountKind::Vmess, Some(GrpcApi::V2ray));
+    let first = vmess.ensure_key(&sub).await.unwrap();
+    assert!(!first.adopted && first.link.starts_with("vmess://"));
+    let again = vmess.ensure_key(&sub).await.unwrap();
+    assert!(
+        again.adopted,
+        "a second add meets \"already exists\" and adopts"
+    );
+    assert_eq!(again.link, first.link, "the same uuid, so the same link");
+    assert_eq!(
+        vmess.delete_user(&email).await.unwrap(),
+        DeleteOutcome::Deleted
+    );
+    assert_eq!(
+        vmess.delete_user(&email).await.unwrap(),
+        DeleteOutcome::AlreadyGone
+    );
+
+    // An unknown inbound is an error, never "the user is not there": a remove on a wrong tag
+    // must not count as done.
+    let wrong = direct_client(&node, "no-such-inbound", AccountKind::Vless, None);
+    let err = wrong.delete_user(&email).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("AlterInbound"), "{err}");
+    let err = wrong.ensure_key(&sub).await.unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+
+    // The Xray-core package on a V2Ray node: refused as unimplemented, permanently.
+    let xray = direct_client(&node, "vmess-in", AccountKind::Vmess, Some(GrpcApi::Xray));
+    let err = xray.health().await.unwrap_err();
+    assert!(
+        err.to_string().contains("Unimplemented") && !err.is_retryable(),
+        "{err}"
+    );
 }
