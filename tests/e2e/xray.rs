@@ -1,7 +1,8 @@
 //! The `xray-grpc` kind against a real V2Ray node (Debian's `v2ray`, installed by `.ci/run`): a
 //! `v2ray` process on loopback with an API inbound (HandlerService, StatsService) and a VLESS
 //! inbound, both on free ports. Provisioning goes through a real worker process; what the node
-//! holds is checked by asking the node itself. No mock of the node.
+//! holds is checked by asking the node itself. No mock of the node. The fake node of
+//! `keyfleet-fakevpn` covers what a real one cannot be made to do: lost answers, holds.
 
 use std::{
     path::PathBuf,
@@ -11,6 +12,7 @@ use std::{
 
 use keyfleet::producer::Producer;
 use keyfleet_core::{ServerId, SubscriptionId, owned_v2ray_email};
+use keyfleet_fakevpn::{Endpoint, FakeGrpcNode, GrpcFault};
 use keyfleet_vpn::{
     AccountKind, ClientConfig, DeleteOutcome, GrpcApi, GrpcSettings, LinkParams, LinkSecurity,
     ServerEndpoint, VpnClient, XrayClient,
@@ -466,4 +468,129 @@ async fn vmess_users_and_the_duplicate_and_missing_answers_of_a_real_node() {
         err.to_string().contains("Unimplemented") && !err.is_retryable(),
         "{err}"
     );
+}
+
+/// `server add` of a fake node (Xray-core package, no detection) with this limit.
+async fn add_fake_node(env: &TestEnv, name: &str, node: &FakeGrpcNode, limit: u32) -> ServerId {
+    let limit = limit.to_string();
+    env.ok(&[
+        "server",
+        "add",
+        "--name",
+        name,
+        "--kind",
+        "xray-grpc",
+        "--grpc-api",
+        "xray",
+        "--api-url",
+        &node.api_url(),
+        "--inbound-tag",
+        node.inbound_tag(),
+        "--link-address",
+        "vpn.example.net",
+        "--link-port",
+        "443",
+        "--link-security",
+        "reality",
+        "--link-sni",
+        "www.example.com",
+        "--link-public-key",
+        "SbVKOEMjK0sIlbwg4akyBg5mL5KZwwB-ed4eEE7YnRc",
+        "--link-flow",
+        "xtls-rprx-vision",
+        "--max-in-flight",
+        &limit,
+    ]);
+    env.store.server_by_name(name).await.unwrap().id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_retry_into_one_user_each_within_the_limit_and_a_restart_is_repaired() {
+    let node = FakeGrpcNode::start("vless-in").await.unwrap();
+    let env = TestEnv::new().await;
+    let server = add_fake_node(&env, "fake-node", &node, 2).await;
+    for _ in 0..3 {
+        node.inject(Endpoint::AddUser, GrpcFault::LostAfterCommit);
+    }
+    node.inject(Endpoint::AddUser, GrpcFault::Unavailable);
+    let mut worker = spawn_worker(&env, 8, &[("KEYFLEET_RETRY_BASE_MS", "10")]);
+
+    let subs = subscriptions("fk", 20);
+    provision_many(&env, &subs).await;
+    wait_for_active(&env, 20, Duration::from_secs(60)).await;
+    let users = node.users();
+    let meter = node.meter();
+    assert_eq!(users.len(), 20, "one user per subscription: {users:?}");
+    assert!(
+        meter.conflicts >= 3,
+        "the retries of lost answers adopted: {meter:?}"
+    );
+    assert!(
+        meter.peak_in_flight <= 2,
+        "the server's limit held: {}",
+        meter.peak_in_flight
+    );
+    let row = env.store.key_row(&subs[0], server).await.unwrap().unwrap();
+    let link = row.link.unwrap();
+    let uuid = &users[&owned_v2ray_email(&subs[0])];
+    assert!(
+        link.starts_with(&format!("vless://{uuid}@vpn.example.net:443?"))
+            && link.contains("security=reality"),
+        "{link}"
+    );
+
+    // Traffic, a restart (users, counters and uptime gone), reconcile, more traffic than before.
+    let email = owned_v2ray_email(&subs[0]);
+    node.add_traffic(&email, 100, 50);
+    env.ok(&["sweep", "traffic"]);
+    eventually(Duration::from_secs(20), "traffic collected", || async {
+        (traffic_of(&env, &subs[0], server).await == 150).then_some(())
+    })
+    .await;
+    node.restart();
+    env.ok(&["sweep", "reconcile"]);
+    eventually(Duration::from_secs(30), "every user back", || async {
+        (node.users().len() == 21).then_some(())
+    })
+    .await;
+    let users = node.users();
+    for sub in &subs {
+        assert!(users.contains_key(&owned_v2ray_email(sub)), "{sub} is back");
+    }
+    assert!(users.keys().any(|e| e.contains("~marker")), "{users:?}");
+    node.add_traffic(&email, 500, 0);
+    env.ok(&["sweep", "traffic"]);
+    eventually(
+        Duration::from_secs(20),
+        "traffic after the restart",
+        || async { (traffic_of(&env, &subs[0], server).await == 650).then_some(()) },
+    )
+    .await;
+    assert!(node.meter().peak_in_flight <= 2);
+    assert!(worker.terminate(Duration::from_secs(20)).success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deprovision_during_a_parked_add_leaves_no_user() {
+    let node = FakeGrpcNode::start("vless-in").await.unwrap();
+    let env = TestEnv::new().await;
+    add_fake_node(&env, "fake-node", &node, 4).await;
+    let hold = node.hold(Endpoint::AddUser);
+    let mut worker = spawn_worker(&env, 4, &[]);
+    let sub = SubscriptionId::parse("parked").unwrap();
+    provision_many(&env, std::slice::from_ref(&sub)).await;
+    hold.wait_arrived(1).await;
+    let producer = Producer::new(env.store.clone(), env.queue.clone());
+    producer.deprovision(&sub).await.unwrap();
+    hold.release();
+    eventually(Duration::from_secs(30), "the key deleted", || async {
+        (env.store.count_keys_in_state("deleted").await.unwrap() == 1).then_some(())
+    })
+    .await;
+    assert!(node.users().is_empty(), "{:?}", node.users());
+    let meter = node.meter();
+    assert_eq!((meter.creates_committed, meter.deletes_committed), (1, 1));
+    assert!(worker.terminate(Duration::from_secs(20)).success());
+    env.cleanup().await;
 }

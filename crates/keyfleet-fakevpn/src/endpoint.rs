@@ -20,6 +20,13 @@ pub enum Endpoint {
     RenameKey,
     DataLimit,
     Transfer,
+    // Xray/V2Ray node over gRPC
+    /// `AlterInbound` with an `AddUserOperation`.
+    AddUser,
+    /// `AlterInbound` with a `RemoveUserOperation`.
+    RemoveUser,
+    QueryStats,
+    SysStats,
     /// Any path or method neither API has, and every Outline request with a wrong prefix.
     Unknown,
 }
@@ -41,6 +48,10 @@ impl Endpoint {
             Self::RenameKey => "rename_key",
             Self::DataLimit => "data_limit",
             Self::Transfer => "transfer",
+            Self::AddUser => "add_user",
+            Self::RemoveUser => "remove_user",
+            Self::QueryStats => "query_stats",
+            Self::SysStats => "sys_stats",
             Self::Unknown => "unknown",
         }
     }
@@ -48,7 +59,7 @@ impl Endpoint {
     pub fn is_create(&self) -> bool {
         matches!(
             self,
-            Self::CreateUser | Self::CreateKeyPost | Self::CreateKeyPut
+            Self::CreateUser | Self::CreateKeyPost | Self::CreateKeyPut | Self::AddUser
         )
     }
 
@@ -57,7 +68,11 @@ impl Endpoint {
         self.is_create()
             || matches!(
                 self,
-                Self::DeleteUser | Self::DeleteKey | Self::RenameKey | Self::DataLimit
+                Self::DeleteUser
+                    | Self::DeleteKey
+                    | Self::RenameKey
+                    | Self::DataLimit
+                    | Self::RemoveUser
             )
     }
 }

@@ -30,7 +30,7 @@ pub use text::{MAX_ID_BYTES, MAX_LINK_BYTES, MAX_NAME_BYTES};
 pub use tls::parse_cert_sha256;
 pub use v2ray::{V2rayClient, V2rayLink, V2rayStats, V2rayUser, V2rayUserStats};
 pub use xray::{
-    AccountKind, GrpcApi, GrpcSettings, LinkParams, LinkSecurity, XrayClient, build_link, proto,
+    AccountKind, GrpcApi, GrpcSettings, LinkParams, LinkSecurity, XrayClient, build_link,
 };
 
 /// Timeouts and pooling of the HTTP client of one server.

@@ -23,42 +23,7 @@ use crate::{
     http::redact_url, text,
 };
 
-/// The messages of `proto/xray`, compiled by `build.rs` (prost).
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod proto {
-    pub mod xray {
-        pub mod common {
-            pub mod serial {
-                include!(concat!(env!("OUT_DIR"), "/xray.common.serial.rs"));
-            }
-            pub mod protocol {
-                include!(concat!(env!("OUT_DIR"), "/xray.common.protocol.rs"));
-            }
-        }
-        pub mod proxy {
-            pub mod vless {
-                include!(concat!(env!("OUT_DIR"), "/xray.proxy.vless.rs"));
-            }
-            pub mod vmess {
-                include!(concat!(env!("OUT_DIR"), "/xray.proxy.vmess.rs"));
-            }
-        }
-        pub mod app {
-            pub mod proxyman {
-                pub mod command {
-                    include!(concat!(env!("OUT_DIR"), "/xray.app.proxyman.command.rs"));
-                }
-            }
-            pub mod stats {
-                pub mod command {
-                    include!(concat!(env!("OUT_DIR"), "/xray.app.stats.command.rs"));
-                }
-            }
-        }
-    }
-}
-
-use proto::xray::{
+use keyfleet_proto::xray::{
     app::{
         proxyman::command::{
             AddUserOperation, AlterInboundRequest, AlterInboundResponse, RemoveUserOperation,
