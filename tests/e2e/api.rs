@@ -396,6 +396,25 @@ async fn tokens_roles_and_bad_input_are_refused_with_nothing_written() {
             json!({"name": "x", "kind": "v2ray", "api_url": "http://h", "api_key": "k", "max_in_flight": "four"}),
             "max_in_flight",
         ),
+        (
+            json!({"name": "x", "kind": "xray-grpc", "api_url": "http://h:10085"}),
+            "inbound_tag",
+        ),
+        (
+            json!({"name": "x", "kind": "xray-grpc", "api_url": "http://h:10085",
+                   "grpc": {"inbound_tag": "in", "link_address": "h", "link_port": 0}}),
+            "link_port",
+        ),
+        (
+            json!({"name": "x", "kind": "xray-grpc", "api_url": "https://h:10085",
+                   "grpc": {"inbound_tag": "in", "link_address": "h", "link_port": 443}}),
+            "api_url",
+        ),
+        (
+            json!({"name": "x", "kind": "v2ray", "api_url": "http://h", "api_key": "k",
+                   "grpc": {"inbound_tag": "in"}}),
+            "inbound_tag",
+        ),
     ];
     for (body, field) in bad_servers {
         let (status, answer) = api
@@ -439,6 +458,23 @@ async fn tokens_roles_and_bad_input_are_refused_with_nothing_written() {
     );
     let (status, _) = api.admin(Method::POST, "/v1/servers", Some(server)).await;
     assert_eq!(status, StatusCode::CONFLICT);
+    let node = json!({"name": "fi-1", "kind": "xray-grpc", "api_url": "http://127.0.0.1:10085",
+        "grpc": {"inbound_tag": "vless-in", "link_address": "fi-1.example.net", "link_port": 443}});
+    let (status, created) = api.admin(Method::POST, "/v1/servers", Some(node)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["grpc"]["inbound_tag"], "vless-in", "{created}");
+    assert_eq!(created["grpc"]["link"]["port"], 443, "{created}");
+    let secret = env
+        .store
+        .server_by_name("fi-1")
+        .await
+        .unwrap()
+        .key_secret
+        .unwrap();
+    assert!(
+        !created.to_string().contains(&secret),
+        "no key secret in a response"
+    );
     let (status, _) = api.buy("mine", 0).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     for (method, path) in [

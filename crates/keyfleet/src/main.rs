@@ -566,12 +566,12 @@ async fn server(settings: Settings, command: ServerCommand) -> anyhow::Result<()
                 println!("{}", serde_json::to_string_pretty(&servers)?);
             } else {
                 println!(
-                    "{:<6} {:<20} {:<8} {:<14} active",
+                    "{:<6} {:<20} {:<10} {:<14} active",
                     "id", "name", "kind", "max-in-flight"
                 );
                 for s in servers {
                     println!(
-                        "{:<6} {:<20} {:<8} {:<14} {}",
+                        "{:<6} {:<20} {:<10} {:<14} {}",
                         s.id, s.name, s.kind, s.max_in_flight, s.active
                     );
                 }
