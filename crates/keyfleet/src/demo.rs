@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{StreamExt, stream};
 use keyfleet_core::{ServerKind, SubscriptionId};
-use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency, MeterSnapshot};
+use keyfleet_fakevpn::{FakeFleet, FakeGrpcNode, FakeServerConfig, Latency, MeterSnapshot};
 use keyfleet_store::Store;
 
 use crate::{
     producer::Producer,
     schedule::Schedule,
     scheduler::Scheduler,
-    servers::validate_new_server,
+    servers::{GrpcInput, validate_new_server},
     settings::Settings,
     sweeps::Sweep,
     worker::{self, WorkerOptions},
@@ -31,6 +31,9 @@ pub struct DemoOptions {
     /// Outline servers in the fake fleet.
     #[arg(long, default_value_t = 1)]
     pub outline: usize,
+    /// Fake Xray-core nodes driven over gRPC (`xray-grpc`) in the fake fleet.
+    #[arg(long, default_value_t = 1)]
+    pub xray_grpc: usize,
     /// Worker processes' worth of workers to run in-process.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -81,8 +84,8 @@ pub async fn run(
         .context("cannot reach Redis (REDIS_URL)")?;
 
     println!(
-        "Starting a fake fleet of {} V2Ray + {} Outline servers (latency 50-150 ms, heavy tail)...",
-        options.v2ray, options.outline
+        "Starting a fake fleet of {} V2Ray + {} Outline servers (latency 50-150 ms, heavy tail) + {} Xray gRPC nodes...",
+        options.v2ray, options.outline, options.xray_grpc
     );
     let fleet = FakeFleet::start(options.v2ray, options.outline, |kind, i| {
         let config = match kind {
@@ -117,6 +120,31 @@ pub async fn run(
         store.add_server(&new).await?;
         names.push(name);
     }
+    let mut nodes = Vec::new();
+    for i in 0..options.xray_grpc {
+        let node = FakeGrpcNode::start("vless-in").await?;
+        let name = format!("xray-grpc-{}", i + 1);
+        let grpc = GrpcInput {
+            inbound_tag: Some(node.inbound_tag().to_owned()),
+            grpc_api: Some("xray".into()),
+            link_address: Some(format!("{name}.example.net")),
+            link_port: Some(443),
+            ..GrpcInput::default()
+        };
+        let limit = options.max_in_flight;
+        let new = validate_new_server(
+            &name,
+            "xray-grpc",
+            &node.api_url(),
+            None,
+            None,
+            limit,
+            Some(&grpc),
+        )?;
+        store.add_server(&new).await?;
+        names.push(name);
+        nodes.push(node);
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
@@ -133,7 +161,7 @@ pub async fn run(
     }
 
     let producer = Producer::new(store.clone(), queue.clone());
-    let expected = (options.subscriptions * fleet.servers.len()) as i64;
+    let expected = (options.subscriptions * (fleet.servers.len() + nodes.len())) as i64;
     println!(
         "Provisioning {} subscriptions ({} keys) with {} workers x concurrency {}...",
         options.subscriptions, expected, options.workers, options.concurrency
@@ -182,9 +210,21 @@ pub async fn run(
     for w in workers {
         w.await??;
     }
-    let summary = summarise(&store, &fleet, &names).await?;
-    let total = fleet.total_meter();
+    let meters: Vec<MeterSnapshot> = fleet
+        .servers
+        .iter()
+        .map(|f| f.meter())
+        .chain(nodes.iter().map(FakeGrpcNode::meter))
+        .collect();
+    let summary = summarise(&store, &meters, &names).await?;
+    let total = MeterSnapshot {
+        current_users: meters.iter().map(|m| m.current_users).sum(),
+        creates_committed: meters.iter().map(|m| m.creates_committed).sum(),
+        duplicates: meters.iter().map(|m| m.duplicates).sum(),
+        ..MeterSnapshot::default()
+    };
     fleet.shutdown().await;
+    drop(nodes);
     queue.purge().await?;
     println!("{summary}");
     println!(
@@ -288,7 +328,11 @@ async fn sqlx_execute(store: &Store, sql: &str) -> anyhow::Result<()> {
         .with_context(|| format!("running {sql:?}"))
 }
 
-async fn summarise(store: &Store, fleet: &FakeFleet, names: &[String]) -> anyhow::Result<String> {
+async fn summarise(
+    store: &Store,
+    meters: &[MeterSnapshot],
+    names: &[String],
+) -> anyhow::Result<String> {
     use std::fmt::Write;
     let counts = store.key_counts().await?;
     let latency = store.provision_latency().await?;
@@ -305,9 +349,7 @@ async fn summarise(store: &Store, fleet: &FakeFleet, names: &[String]) -> anyhow
         "server", "keys", "links", "creates", "requests", "peak/limit", "duplicates", "users"
     )?;
     let mut totals = (0i64, 0i64, 0u64, 0u64, 0u64);
-    for (((fake, name), count), limit) in fleet.servers.iter().zip(names).zip(&counts).zip(&limits)
-    {
-        let m: MeterSnapshot = fake.meter();
+    for (((m, name), count), limit) in meters.iter().zip(names).zip(&counts).zip(&limits) {
         writeln!(
             out,
             "{:<12} {:>6} {:>6} {:>8} {:>9} {:>10} {:>10} {:>6}",
