@@ -26,7 +26,7 @@ api-fuzz:
     cargo build -p keyfleet
     bash .ci/schemathesis.sh
 
-# Run the demo: 200 subscriptions on an embedded fake fleet of 10 V2Ray + 1 Outline servers.
+# Run the demo: 200 subscriptions on an embedded fake fleet of 10 V2Ray + 1 Outline servers + 1 Xray gRPC node.
 demo:
     cargo run --release -p keyfleet -- demo
 
