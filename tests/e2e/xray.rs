@@ -594,3 +594,40 @@ async fn a_deprovision_during_a_parked_add_leaves_no_user() {
     assert!(worker.terminate(Duration::from_secs(20)).success());
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lists_its_users_is_reconciled_by_diff() {
+    let node = FakeGrpcNode::start_listing("vless-in").await.unwrap();
+    let env = TestEnv::new().await;
+    add_fake_node(&env, "listing-node", &node, 4).await;
+    let mut worker = spawn_worker(&env, 4, &[]);
+    let subs = subscriptions("ls", 5);
+    provision_many(&env, &subs).await;
+    wait_for_active(&env, 5, Duration::from_secs(30)).await;
+
+    // Drift both ways: one user lost, one keyfleet-named user nobody wants, one made by hand.
+    assert!(node.remove_user(&owned_v2ray_email(&subs[0])));
+    let unwanted = owned_v2ray_email(&SubscriptionId::parse("gone").unwrap());
+    node.add_user(&unwanted, &uuid::Uuid::new_v4().to_string());
+    node.add_user("alice@example.com", &uuid::Uuid::new_v4().to_string());
+    env.ok(&["sweep", "reconcile"]);
+    eventually(Duration::from_secs(30), "the drift repaired", || async {
+        let users = node.users();
+        (users.contains_key(&owned_v2ray_email(&subs[0])) && !users.contains_key(&unwanted))
+            .then_some(())
+    })
+    .await;
+    let users = node.users();
+    assert_eq!(users.len(), 6, "five subscriptions and alice: {users:?}");
+    assert!(
+        users.contains_key("alice@example.com"),
+        "users not keyfleet's stay"
+    );
+    assert!(
+        !users.keys().any(|e| e.contains("~marker")),
+        "a listing node needs no marker: {users:?}"
+    );
+    assert_eq!(node.meter().requests[&Endpoint::ListUsers], 1);
+    assert!(worker.terminate(Duration::from_secs(20)).success());
+    env.cleanup().await;
+}

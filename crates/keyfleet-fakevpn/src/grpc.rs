@@ -28,7 +28,8 @@ use crate::{
 use keyfleet_proto::xray::{
     app::{
         proxyman::command::{
-            AddUserOperation, AlterInboundRequest, AlterInboundResponse, RemoveUserOperation,
+            AddUserOperation, AlterInboundRequest, AlterInboundResponse, GetInboundUserRequest,
+            GetInboundUserResponse, RemoveUserOperation,
             handler_service_server::{HandlerService, HandlerServiceServer},
         },
         stats::command::{
@@ -36,6 +37,7 @@ use keyfleet_proto::xray::{
             stats_service_server::{StatsService, StatsServiceServer},
         },
     },
+    common::{protocol::User, serial::TypedMessage},
     proxy::{vless, vmess},
 };
 
@@ -58,6 +60,8 @@ pub struct FakeGrpcNode {
 
 struct Node {
     inbound_tag: String,
+    /// Serves `GetInboundUsers` (Xray-core 24.11+); otherwise it answers UNIMPLEMENTED.
+    lists_users: bool,
     meter: Arc<Meter>,
     holds: Holds,
     closing: watch::Sender<bool>,
@@ -75,13 +79,24 @@ struct NodeState {
 }
 
 impl FakeGrpcNode {
-    /// Serves on a loopback port 0; users are added to the inbound `inbound_tag`.
+    /// Serves on a loopback port 0; users are added to the inbound `inbound_tag`. Like V2Ray and
+    /// Xray before 24.11, it has no list of its users.
     pub async fn start(inbound_tag: &str) -> io::Result<Self> {
+        Self::start_with(inbound_tag, false).await
+    }
+
+    /// A node that also lists its users (`GetInboundUsers`, Xray-core 24.11 and later).
+    pub async fn start_listing(inbound_tag: &str) -> io::Result<Self> {
+        Self::start_with(inbound_tag, true).await
+    }
+
+    async fn start_with(inbound_tag: &str, lists_users: bool) -> io::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (closing, mut closed) = watch::channel(false);
         let node = Arc::new(Node {
             inbound_tag: inbound_tag.to_owned(),
+            lists_users,
             meter: Arc::new(Meter::new()),
             holds: Holds::default(),
             closing,
@@ -133,6 +148,25 @@ impl FakeGrpcNode {
     /// The users, email → uuid.
     pub fn users(&self) -> BTreeMap<String, String> {
         self.node.state.lock().users.clone()
+    }
+
+    /// Adds a user behind keyfleet's back (by hand, or left by another tool).
+    pub fn add_user(&self, email: &str, uuid: &str) {
+        self.node
+            .state
+            .lock()
+            .users
+            .insert(email.to_ascii_lowercase(), uuid.to_owned());
+    }
+
+    /// Removes a user behind keyfleet's back; whether it was there.
+    pub fn remove_user(&self, email: &str) -> bool {
+        self.node
+            .state
+            .lock()
+            .users
+            .remove(&email.to_ascii_lowercase())
+            .is_some()
     }
 
     /// Counts traffic of a user, as the node does while it proxies (nothing for an unknown one).
@@ -312,6 +346,43 @@ impl HandlerService for Service {
                 "app/proxyman/command: unknown operation {other}"
             ))),
         }
+    }
+
+    async fn get_inbound_users(
+        &self,
+        request: Request<GetInboundUserRequest>,
+    ) -> Result<Response<GetInboundUserResponse>, Status> {
+        if !self.0.lists_users {
+            return Err(Status::unimplemented(
+                "unknown method GetInboundUsers for service xray.app.proxyman.command.HandlerService",
+            ));
+        }
+        let request = request.into_inner();
+        self.0
+            .call(Endpoint::ListUsers, |node| {
+                node.check_tag(&request.tag)?;
+                let state = node.state.lock();
+                let users = state
+                    .users
+                    .iter()
+                    .filter(|(email, _)| request.email.is_empty() || **email == request.email)
+                    .map(|(email, id)| User {
+                        level: 0,
+                        email: email.clone(),
+                        account: Some(TypedMessage {
+                            r#type: "xray.proxy.vless.Account".into(),
+                            value: vless::Account {
+                                id: id.clone(),
+                                flow: String::new(),
+                                encryption: "none".into(),
+                            }
+                            .encode_to_vec(),
+                        }),
+                    })
+                    .collect();
+                Ok(GetInboundUserResponse { users })
+            })
+            .await
     }
 }
 

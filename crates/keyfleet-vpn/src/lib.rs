@@ -246,9 +246,9 @@ impl VpnClient {
         match self {
             Self::V2ray(c) => c.remote_keys().await,
             Self::Outline(c) => c.remote_keys().await,
-            Self::XrayGrpc(c) => Err(Error::Config {
+            Self::XrayGrpc(c) => c.remote_keys().await?.ok_or_else(|| Error::Config {
                 reason: format!(
-                    "{}: a gRPC node has no list of its users (reconcile watches its marker user instead)",
+                    "{}: this node has no list of its users (GetInboundUsers: Xray-core 24.11 and later); reconcile watches its marker user instead",
                     c.server()
                 ),
             }),
@@ -264,7 +264,9 @@ impl VpnClient {
         }
     }
 
-    /// Whether [`VpnClient::list_keys`] works: not on a gRPC node.
+    /// Whether a create must look for copies of its key (made by an earlier try) in
+    /// [`VpnClient::list_keys`]: not on a gRPC node, which refuses a second user with an email
+    /// (and may have no list).
     pub fn can_list(&self) -> bool {
         !matches!(self, Self::XrayGrpc(_))
     }

@@ -19,14 +19,15 @@ use tokio::sync::OnceCell;
 use tonic::{Code, Status, transport::Channel};
 
 use crate::{
-    ClientConfig, DeleteOutcome, Error, KeyTraffic, ProvisionedKey, Result, ServerEndpoint,
-    http::redact_url, text,
+    ClientConfig, DeleteOutcome, Error, KeyTraffic, ProvisionedKey, RemoteKey, Result,
+    ServerEndpoint, http::redact_url, text,
 };
 
 use keyfleet_proto::xray::{
     app::{
         proxyman::command::{
-            AddUserOperation, AlterInboundRequest, AlterInboundResponse, RemoveUserOperation,
+            AddUserOperation, AlterInboundRequest, AlterInboundResponse, GetInboundUserRequest,
+            GetInboundUserResponse, RemoveUserOperation,
         },
         stats::command::{
             QueryStatsRequest, QueryStatsResponse, SysStatsRequest, SysStatsResponse,
@@ -165,6 +166,7 @@ pub struct GrpcSettings {
 #[derive(Debug, Clone, Copy)]
 enum Rpc {
     AlterInbound,
+    GetInboundUsers,
     QueryStats,
     GetSysStats,
 }
@@ -173,6 +175,7 @@ impl Rpc {
     const fn service_and_method(self) -> (&'static str, &'static str) {
         match self {
             Self::AlterInbound => ("app.proxyman.command.HandlerService", "AlterInbound"),
+            Self::GetInboundUsers => ("app.proxyman.command.HandlerService", "GetInboundUsers"),
             Self::QueryStats => ("app.stats.command.StatsService", "QueryStats"),
             Self::GetSysStats => ("app.stats.command.StatsService", "GetSysStats"),
         }
@@ -182,6 +185,7 @@ impl Rpc {
     const fn label(self) -> &'static str {
         match self {
             Self::AlterInbound => "AlterInbound",
+            Self::GetInboundUsers => "GetInboundUsers",
             Self::QueryStats => "QueryStats",
             Self::GetSysStats => "GetSysStats",
         }
@@ -349,6 +353,34 @@ impl XrayClient {
 
     pub async fn forget_marker(&self) -> Result<()> {
         self.delete_user(&owned_marker_email()).await.map(drop)
+    }
+
+    /// Every user of the inbound as a [`RemoteKey`] named by email (`GetInboundUsers`, Xray-core
+    /// 24.11 and later); `None` when the node has no such call (V2Ray, older Xray). Users whose
+    /// email fails the text checks are reported as not keyfleet's (see
+    /// [`crate::VpnClient::list_keys`]).
+    pub async fn remote_keys(&self) -> Result<Option<Vec<RemoteKey>>> {
+        let api = self.api().await?;
+        let request = GetInboundUserRequest {
+            tag: self.inner.settings.inbound_tag.clone(),
+            email: String::new(),
+        };
+        let reply: GetInboundUserResponse =
+            match self.call_with(api, Rpc::GetInboundUsers, request).await {
+                Ok(reply) => reply,
+                Err(status) if status.code() == Code::Unimplemented => return Ok(None),
+                Err(status) => return Err(self.error(Rpc::GetInboundUsers, &status)),
+            };
+        let users = reply
+            .users
+            .into_iter()
+            .filter(|u| !u.email.is_empty())
+            .map(|u| (u.email.to_ascii_lowercase(), u.email));
+        Ok(Some(text::remote_keys(
+            self.server(),
+            "GetInboundUsers",
+            users,
+        )))
     }
 
     /// `QueryStats` of `user>>>`: uplink + downlink per email (the server key id). Counters start

@@ -402,15 +402,19 @@ impl Executor {
         client: &VpnClient,
         server: ServerId,
     ) -> Result<Step, JobError> {
-        if let VpnClient::XrayGrpc(node) = client {
-            return self.reconcile_unlisted(node, server).await;
-        }
         // Postgres is read before the list and again after it. What is missing on the server is
         // judged from the first read (a create that finished after the list is not "lost"); what is
         // to be deleted from both (a purchase whose key appeared in the list after the first read
         // is wanted in the second): a key is deleted only if neither read wanted it.
         let stored = self.store.stored_keys(server).await?;
-        let remote = client.list_keys().await?;
+        let remote = match client {
+            // A gRPC node lists its users only from Xray-core 24.11 on.
+            VpnClient::XrayGrpc(node) => match node.remote_keys().await? {
+                Some(remote) => remote,
+                None => return self.reconcile_unlisted(node, server).await,
+            },
+            _ => client.list_keys().await?,
+        };
         // The server answers: keys that failed here for a transient reason get another go.
         self.store.requeue_failed_keys(server).await?;
         let after = self.store.stored_keys(server).await?;
