@@ -164,6 +164,8 @@ async fn rounds_on(stack: &Stack, fleet: &FakeFleet, rounds: usize) -> anyhow::R
                 api_url: fake.api_url().parse()?,
                 api_key: fake.api_key(),
                 cert_sha256: fake.cert_sha256(),
+                grpc: None,
+                key_secret: None,
             },
             &ClientConfig::default(),
         )?);

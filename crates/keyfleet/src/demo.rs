@@ -202,20 +202,23 @@ pub async fn run(
         receipt?;
     }
     let elapsed = started.elapsed();
+    let meters = || -> Vec<MeterSnapshot> {
+        fleet
+            .servers
+            .iter()
+            .map(|f| f.meter())
+            .chain(nodes.iter().map(FakeGrpcNode::meter))
+            .collect()
+    };
     if options.serve {
-        println!("{}", summarise(&store, &fleet, &names).await?);
+        println!("{}", summarise(&store, &meters(), &names).await?);
         serve(&settings, &store, options.listen, shutdown).await?;
     }
     let _ = stop_tx.send(true);
     for w in workers {
         w.await??;
     }
-    let meters: Vec<MeterSnapshot> = fleet
-        .servers
-        .iter()
-        .map(|f| f.meter())
-        .chain(nodes.iter().map(FakeGrpcNode::meter))
-        .collect();
+    let meters = meters();
     let summary = summarise(&store, &meters, &names).await?;
     let total = MeterSnapshot {
         current_users: meters.iter().map(|m| m.current_users).sum(),
