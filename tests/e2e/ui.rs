@@ -729,7 +729,8 @@ async fn demo_serve_leaves_the_dashboard_up_on_the_demos_data() {
         .await
         .unwrap();
     let servers = fleet["servers"].as_array().unwrap();
-    assert_eq!(servers.len(), 11, "{fleet}");
+    // The demo's fleet: 10 V2Ray panels, 1 Outline server and 1 Xray gRPC node.
+    assert_eq!(servers.len(), 12, "{fleet}");
     assert!(servers.iter().all(|s| s["keys"] == 3), "{fleet}");
 
     let mut browser = Browser::start("demo").await;
@@ -737,8 +738,8 @@ async fn demo_serve_leaves_the_dashboard_up_on_the_demos_data() {
     browser.page("#/fleet").await;
     browser
         .until(
-            "the demo's eleven servers",
-            "return document.querySelectorAll('tbody tr[data-server]').length === 11",
+            "the demo's twelve servers",
+            "return document.querySelectorAll('tbody tr[data-server]').length === 12",
         )
         .await;
     browser.screenshot("fleet").await;
