@@ -17,6 +17,8 @@
 //! on 127.0.0.1 (`DATABASE_URL`, `REDIS_URL`); makes a database `kf_bench_<uuid>` per latency and
 //! drops it. `KF_BENCH_PURCHASES` (default 100) sets the rounds per latency.
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -29,6 +31,8 @@ use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
 use keyfleet_store::Store;
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 use serde_json::{Value, json};
+
+use crate::common::BenchDatabase;
 
 const V2RAY: usize = 10;
 const OUTLINE: usize = 1;
@@ -203,8 +207,7 @@ fn ms(since: Instant) -> f64 {
 
 /// A database of its own, `keyfleet api` and one `keyfleet worker`.
 struct Stack {
-    database: String,
-    admin: Store,
+    db: BenchDatabase,
     store: Store,
     env: Vec<(String, String)>,
     api: String,
@@ -213,36 +216,22 @@ struct Stack {
 
 impl Stack {
     async fn start() -> anyhow::Result<Self> {
-        let base = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let mut url = url::Url::parse(&base).context("DATABASE_URL")?;
-        ensure!(
-            matches!(url.host_str(), Some("127.0.0.1" | "localhost")),
-            "this benchmark only talks to Postgres on 127.0.0.1 (DATABASE_URL names {:?})",
-            url.host_str()
-        );
-        let database = format!("kf_bench_{}", uuid::Uuid::new_v4().simple());
-        url.set_path(&format!("/{database}"));
-        let admin = Store::connect(&base, 1).await?;
-        admin
-            .execute_admin(&format!("CREATE DATABASE {database}"))
-            .await?;
-        let store = Store::connect(url.as_str(), 2).await?;
+        let db = BenchDatabase::create().await?;
+        let store = Store::connect(&db.url, 2).await?;
         store.migrate().await?;
         let env = vec![
-            ("DATABASE_URL".to_owned(), url.to_string()),
+            ("DATABASE_URL".to_owned(), db.url.clone()),
             ("REDIS_URL".to_owned(), redis),
             (
                 "KEYFLEET_REDIS_PREFIX".to_owned(),
-                format!("kfbench:{database}"),
+                format!("kfbench:{}", db.name),
             ),
             ("RUST_LOG".to_owned(), "warn".to_owned()),
             ("KEYFLEET_SERVER_REFRESH_MS".to_owned(), "200".to_owned()),
         ];
         let mut stack = Self {
-            database,
-            admin,
+            db,
             store,
             env,
             api: String::new(),
@@ -368,13 +357,7 @@ impl Stack {
         for process in &mut self.processes {
             let _ = process.wait();
         }
-        self.admin
-            .execute_admin(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.database
-            ))
-            .await?;
-        Ok(())
+        self.db.drop().await
     }
 }
 

@@ -19,6 +19,8 @@
 //! quick try with `KF_BENCH_SERVERS`, `KF_BENCH_KEYS`, `KF_BENCH_SUBSET`, `KF_BENCH_ROWS`,
 //! `KF_BENCH_ROUNDS`; the figures in BENCHMARKS.md use the defaults.
 
+mod common;
+
 use std::{
     sync::{
         Arc,
@@ -35,6 +37,8 @@ use keyfleet_fakevpn::{FakeFleet, FakeServerConfig};
 use keyfleet_store::{Contributors, KeyWrite, NewServer, Store, WriteBack, WriteBackConfig};
 use keyfleet_vpn::{ClientConfig, VpnClient};
 use sqlx::PgPool;
+
+use crate::common::BenchDatabase;
 
 /// Servers reconciled at a time, like a worker fleet's claims.
 const SERVER_CONCURRENCY: usize = 16;
@@ -89,29 +93,21 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench() -> anyhow::Result<()> {
     let sizes = Sizes::from_env()?;
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut url = url::Url::parse(&base).context("DATABASE_URL")?;
-    ensure!(
-        matches!(url.host_str(), Some("127.0.0.1" | "localhost")),
-        "this benchmark only talks to Postgres on 127.0.0.1 (DATABASE_URL names {:?})",
-        url.host_str()
+    let db = BenchDatabase::create().await?;
+    println!(
+        "Bench database {} on 127.0.0.1 (dropped at the end).",
+        db.name
     );
-    let database = format!("kf_bench_{}", uuid::Uuid::new_v4().simple());
-    url.set_path(&format!("/{database}"));
-    let admin = Store::connect(&base, 1).await?;
-    admin
-        .execute_admin(&format!("CREATE DATABASE {database}"))
-        .await?;
-    println!("Bench database {database} on 127.0.0.1 (dropped at the end).");
     // Drop the database whatever happens, a panic included.
-    let outcome =
-        std::panic::AssertUnwindSafe(run(sizes, url.to_string(), database.clone(), admin.clone()))
-            .catch_unwind()
-            .await;
-    let dropped = admin
-        .execute_admin(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-        .await;
+    let outcome = std::panic::AssertUnwindSafe(run(
+        sizes,
+        db.url.clone(),
+        db.name.clone(),
+        db.admin.clone(),
+    ))
+    .catch_unwind()
+    .await;
+    let dropped = db.drop().await;
     match outcome {
         Ok(result) => result?,
         Err(_) => bail!("the benchmark panicked"),
