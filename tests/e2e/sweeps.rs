@@ -264,8 +264,12 @@ async fn settled_commits(admin: &Store, database: &str) -> i64 {
     }
 }
 
+/// Batching, not one commit per result (which would be 1,001). How many results share a commit
+/// depends on how fast they arrive, so the bound leaves room for a loaded machine: 35-54 commits
+/// were seen on a busy 2-core machine, and BENCHMARKS.md has the figure on a quiet one
+/// (16 per 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_creates_take_at_most_fifty_write_back_commits() {
+async fn a_thousand_creates_take_at_most_a_hundred_write_back_commits() {
     let env = TestEnv::new().await;
     let fleet = start_fleet(10, 1, Latency::Zero).await;
     register(&env, &fleet, 8).await;
@@ -317,7 +321,7 @@ async fn a_thousand_creates_take_at_most_fifty_write_back_commits() {
         assert_eq!((meter.creates_committed, meter.duplicates), (91, 0));
     }
     assert!(
-        commits <= 50,
+        commits <= 100,
         "{commits} commits for {jobs} results: the write-back is not batching"
     );
     admin.pool().close().await;
