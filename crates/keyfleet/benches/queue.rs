@@ -1,27 +1,47 @@
-//! Queue throughput: keyfleet's queue backend against stock apalis-redis 1.0.0 with its defaults,
-//! in one process, runs interleaved (keyfleet, apalis, keyfleet, apalis, ...) so that the noise of
-//! a shared machine hits both alike. Reported: the median of the runs, the ratio keyfleet / apalis
-//! of the medians and the median of the per-pair ratios.
+//! Queue throughput: keyfleet's queue backend against two peers, run interleaved (keyfleet,
+//! apalis-redis, BullMQ, keyfleet, apalis-redis, BullMQ, ...) so that the noise of a shared machine
+//! hits all alike. Reported: the median of the runs, the ratio keyfleet / peer of the medians and the
+//! median of the per-round ratios (run i of keyfleet against run i of the peer, right after it).
+//! - stock apalis-redis 1.0.0 with its defaults, in this process;
+//! - BullMQ (Node.js; version pinned in `benches/bullmq/package.json`, the whole tree in its
+//!   `package-lock.json`), with its defaults: `benches/bullmq/bench.cjs`, one `node` process per
+//!   run, one `Worker` of the same concurrency. The bench installs it with `npm ci --ignore-scripts`
+//!   into `target/tmp/queue-bench/bullmq` (fast when npm's cache has it; needs the npm registry the
+//!   first time) and fails, naming what is missing, if `node`, `npm` or the registry is not there.
 //!
-//! Run: `just bench` (= `cargo bench -p keyfleet --bench queue`). Needs Redis on the loopback
-//! interface (`REDIS_URL`, default `redis://127.0.0.1:6379`); every run uses its own key prefix
-//! (keyfleet) or queue name (apalis-redis) and deletes its keys afterwards. Knobs: `KF_BENCH_JOBS`
-//! (jobs per run, default 7,500: stock apalis-redis cannot start on a backlog of 8,000 due jobs,
-//! which the last step shows), `KF_BENCH_RUNS` (measured runs per system and scenario, default 5).
+//! Run: `just bench` (= `cargo bench -p keyfleet --bench queue`). Needs `redis-server`, `node` and
+//! `npm` on PATH (`.ci/services.sh` installs redis-server). The bench starts **two Redis servers of
+//! its own** on free loopback ports, from the same `redis-server` binary with the same settings (no
+//! persistence, as `.ci/services.sh` runs the shared one): one for keyfleet and apalis-redis, one for
+//! BullMQ, so that each system's "Redis CPU" is its own and no other client of the shared Redis on
+//! 6379 (tests, other benches) runs in the same server. Both are stopped when the bench ends. Knobs:
+//! `KF_BENCH_JOBS` (jobs per run, default 7,500: stock apalis-redis cannot start on a backlog of
+//! 8,000 due jobs, which the last step shows), `KF_BENCH_RUNS` (measured runs per system and
+//! scenario, default 5).
 //!
-//! Scenarios, each for both systems in one process. keyfleet runs as `keyfleet worker` does: one
-//! claim loop (apalis worker over its queue backend) per 8 of concurrency (`claim_loops`);
-//! apalis-redis runs one worker.
+//! Every system gets one unmeasured warm-up per scenario: keyfleet and apalis-redis a run in this
+//! process before the measured ones; BullMQ, a new `node` process per run, drains a warm-up backlog
+//! in that process before its measured one (JIT and HTTP connections warm, as a long-running worker
+//! has them).
+//!
+//! Scenarios, each for every system. keyfleet runs as `keyfleet worker` does: one claim loop
+//! (apalis worker over its queue backend) per 8 of concurrency (`claim_loops`); apalis-redis runs
+//! one worker, BullMQ one `Worker`.
 //! - (a) no-op jobs: N jobs enqueued up front, then concurrency 64 drains them.
 //!   keyfleet: `JobPayload`s over 11 servers with per-server limits of 64 (on, not binding); the
 //!   handler acknowledges with `Queue::finish(Done)` (lease, fence check, per-server slot,
 //!   idempotency key: every guarantee on), lease heartbeats and the reaper run beside it.
 //!   apalis-redis: `RedisStorage` with `Config::default()` (only the queue name is ours), the same
-//!   `JobPayload`s, a no-op handler; apalis acknowledges. A diagnostic row runs keyfleet with a single
+//!   `JobPayload`s, a no-op handler; apalis acknowledges. BullMQ: the same payloads as job data
+//!   (`Queue.addBulk`), an async no-op processor; BullMQ acknowledges (`moveToFinished`, which also
+//!   fetches the worker's next job in the same script). A diagnostic row runs keyfleet with a single
 //!   claim loop, to show what one claim in flight at a time costs.
 //! - (b) HTTP: each job is one GET to a fake V2Ray panel with 0 ms latency, jobs round-robin over
-//!   11 servers. keyfleet: per-server limit 4, worker concurrency 44. apalis-redis: concurrency 44
-//!   and no per-server limit (it has none).
+//!   11 servers. keyfleet: per-server limit 4, worker concurrency 44. apalis-redis and BullMQ:
+//!   concurrency 44 and no per-server limit (apalis-redis has none; BullMQ's per-group limits are
+//!   BullMQ Pro, its free edition only has a queue-wide concurrency and rate limit), so they may put
+//!   more requests in flight on one server. BullMQ's handler uses Node's `http` with one keep-alive
+//!   agent per server, as the Rust side holds one pooled `reqwest::Client` per server.
 //! - (c) as (b), but 10 ms per request and the backlog enqueued server by server (as a sweep of
 //!   one server after another would), so that a per-server limit actually binds.
 //!
@@ -30,12 +50,15 @@
 //! The clock runs from the worker's start until every job is acknowledged in Redis: for keyfleet
 //! that is the moment the last `finish` returns (the handler acknowledges); for apalis-redis, whose
 //! persistence layer acknowledges after the handler in batches and flushes the last batch when the
-//! worker stops, it is the moment the worker returns. Enqueueing is not timed. "Redis CPU" is the
-//! whole Redis server's CPU time over the same window divided by the jobs: on a shared Redis other
-//! clients' load counts too.
+//! worker stops, it is the moment the worker returns; for BullMQ (connected and its scripts loaded
+//! before the clock starts) the last `completed` event, which fires once `moveToFinished` returned.
+//! Enqueueing and Node's start are not timed. "Redis CPU" is the Redis server's CPU time over the
+//! same window divided by the jobs.
 
 use std::{
     future::Future,
+    path::{Path, PathBuf},
+    process::Stdio,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
@@ -60,6 +83,8 @@ use tower::limit::ConcurrencyLimitLayer;
 use uuid::Uuid;
 
 const SERVERS: usize = 11;
+/// What the peak table says of BullMQ's per-server limit.
+const BULLMQ_LIMIT: &str = "none (groups are BullMQ Pro)";
 /// Scenario (a): worker concurrency, and keyfleet's per-server limit (on, but not binding).
 const NOOP_CONCURRENCY: usize = 64;
 const NOOP_LIMIT: u32 = 64;
@@ -75,12 +100,13 @@ const DEFAULT_JOBS: usize = 7_500;
 const DEFAULT_RUNS: usize = 5;
 const ENQUEUE_CHUNK: usize = 1_000;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// BullMQ's side, kept in the repository; installed and run under `target/tmp/queue-bench`.
+const BULLMQ_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/bullmq");
+const BULLMQ_FILES: [&str; 3] = ["package.json", "package-lock.json", "bench.cjs"];
+const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let redis_url =
-        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    ensure_loopback(&redis_url)?;
     let jobs_n = env_usize("KF_BENCH_JOBS", DEFAULT_JOBS)?;
     let runs = env_usize("KF_BENCH_RUNS", DEFAULT_RUNS)?;
     ensure!(
@@ -88,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
         "use 11 <= KF_BENCH_JOBS < {APALIS_BACKLOG_PROBE} (stock apalis-redis cannot start on a \
          backlog of {APALIS_BACKLOG_PROBE} due jobs) and KF_BENCH_RUNS >= 1"
     );
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("queue-bench");
+    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let bullmq = Bullmq::install(&work.join("bullmq")).await?;
+    let redis = RedisServer::start(&work, "keyfleet").await?;
+    let bullmq_redis = RedisServer::start(&work, "bullmq").await?;
     let jobs = payloads(jobs_n);
     let warmup = payloads((jobs_n / 10).max(SERVERS));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -95,8 +126,16 @@ async fn main() -> anyhow::Result<()> {
     println!("# keyfleet queue benchmark");
     println!(
         "{jobs_n} jobs per run over {SERVERS} servers, {runs} measured runs per system and \
-         scenario (after one unmeasured warm-up each), interleaved; {cores} cores; Redis {}.",
-        redis_version(&redis_url).await?
+         scenario (after one unmeasured warm-up each), interleaved; {cores} cores."
+    );
+    println!(
+        "Redis {} twice, private: keyfleet and apalis-redis on port {}, BullMQ on port {}; \
+         BullMQ {} on Node.js {}.",
+        redis_version(&redis.url).await?,
+        redis.port,
+        bullmq_redis.port,
+        bullmq.version,
+        bullmq.node
     );
     println!("Load average at the start: {}.", load_average());
     println!();
@@ -105,7 +144,8 @@ async fn main() -> anyhow::Result<()> {
 
     // (a) No-op jobs.
     println!("## (a) no-op jobs, one worker, concurrency {NOOP_CONCURRENCY}");
-    let url = redis_url.as_str();
+    let url = redis.url.as_str();
+    let bull = (&bullmq, &bullmq_redis);
     run_keyfleet(
         url,
         &warmup,
@@ -119,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
     run_apalis(url, &warmup, NOOP_CONCURRENCY, None)
         .await
         .context("apalis-redis warm-up")?;
-    let (mut kf, mut ap, mut kf2) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kf, mut ap, mut bm, mut kf2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
         let sample = run_keyfleet(
             url,
@@ -133,10 +173,17 @@ async fn main() -> anyhow::Result<()> {
         kf.push(report("keyfleet", run, runs, sample));
         let sample = run_apalis(url, &jobs, NOOP_CONCURRENCY, None).await?;
         ap.push(report("apalis-redis", run, runs, sample));
+        let sample = run_bullmq(bull, &jobs, &warmup, NOOP_CONCURRENCY, None).await?;
+        bm.push(report("BullMQ", run, runs, sample));
         let sample = run_keyfleet(url, &jobs, NOOP_LIMIT, NOOP_CONCURRENCY, 1, None).await?;
         kf2.push(report("keyfleet, 1 claim loop", run, runs, sample));
     }
-    table.extend(Row::pair("(a) no-op", &kf, &ap));
+    let bullmq_name = format!("BullMQ {}", bullmq.version);
+    table.extend(Row::compare(
+        "(a) no-op",
+        &kf,
+        [("apalis-redis 1.0.0", &ap), (&bullmq_name, &bm)],
+    ));
     table.push(Row::single(
         "(a) no-op, diagnostic",
         "keyfleet, 1 claim loop",
@@ -153,8 +200,13 @@ async fn main() -> anyhow::Result<()> {
         "## (b) one HTTP GET per job to 11 fake V2Ray panels (0 ms), jobs round-robin over the \
          servers, concurrency {HTTP_CONCURRENCY}"
     );
-    let (kf_http, ap_http) = http_scenario(url, Latency::Zero, &jobs, &warmup, runs).await?;
-    table.extend(Row::pair("(b) HTTP, 0 ms", &kf_http, &ap_http));
+    let (kf_http, ap_http, bm_http) =
+        http_scenario(url, bull, Latency::Zero, &jobs, &warmup, runs).await?;
+    table.extend(Row::compare(
+        "(b) HTTP, 0 ms",
+        &kf_http,
+        [("apalis-redis 1.0.0", &ap_http), (&bullmq_name, &bm_http)],
+    ));
     println!();
 
     // (c) Where the per-server limit binds: slower servers, and the backlog enqueued server by
@@ -164,15 +216,20 @@ async fn main() -> anyhow::Result<()> {
         "## (c) as (b), but {} ms per request and {SKEWED_JOBS} jobs enqueued server by server",
         SKEWED_LATENCY.as_millis()
     );
-    let (kf_skew, ap_skew) = http_scenario(
+    let (kf_skew, ap_skew, bm_skew) = http_scenario(
         url,
+        bull,
         Latency::Fixed(SKEWED_LATENCY),
         &payloads_by_server(SKEWED_JOBS),
         &payloads_by_server(SKEWED_JOBS / 10),
         skewed_runs,
     )
     .await?;
-    table.extend(Row::pair("(c) HTTP, 10 ms, by server", &kf_skew, &ap_skew));
+    table.extend(Row::compare(
+        "(c) HTTP, 10 ms, by server",
+        &kf_skew,
+        [("apalis-redis 1.0.0", &ap_skew), (&bullmq_name, &bm_skew)],
+    ));
     println!();
 
     // The backlog apalis-redis cannot take.
@@ -191,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     println!("## Results");
     println!();
     println!(
-        "| scenario | system | runs | median jobs/s | min - max jobs/s | keyfleet / apalis \
+        "| scenario | system | runs | median jobs/s | min - max jobs/s | keyfleet / this system \
          (median of pairs) | Redis CPU us/job |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
@@ -213,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
             "none (not available)".to_owned(),
             &ap_http,
         ),
+        ("(b)", "BullMQ", BULLMQ_LIMIT.to_owned(), &bm_http),
         ("(c)", "keyfleet", HTTP_LIMIT.to_string(), &kf_skew),
         (
             "(c)",
@@ -220,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
             "none (not available)".to_owned(),
             &ap_skew,
         ),
+        ("(c)", "BullMQ", BULLMQ_LIMIT.to_owned(), &bm_skew),
     ] {
         let peaks = peak_per_server(samples);
         let max = peaks.iter().copied().max().unwrap_or(0);
@@ -247,16 +306,19 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "- (a) per job, medians: keyfleet {:.0} us of wall time ({:.0} us with 1 claim loop), \
-         apalis-redis {:.0} us; apalis-redis fetches 10 jobs per round trip (default batch_size)",
+         apalis-redis {:.0} us, BullMQ {:.0} us; apalis-redis fetches 10 jobs per round trip \
+         (default batch_size), BullMQ's acknowledgement script hands the worker its next job",
         1e6 / median(&kf),
         1e6 / median(&kf2),
-        1e6 / median(&ap)
+        1e6 / median(&ap),
+        1e6 / median(&bm)
     );
     println!(
         "- worker stop after the last acknowledgement (median): keyfleet {:.0} ms, apalis-redis \
-         {:.0} ms (not in the figures above)",
+         {:.0} ms, BullMQ {:.0} ms (not in the figures above)",
         median_stop_ms(&kf),
-        median_stop_ms(&ap)
+        median_stop_ms(&ap),
+        median_stop_ms(&bm)
     );
     println!("- apalis-redis with {APALIS_BACKLOG_PROBE} due jobs: {probe}");
     println!("- load average at the end: {}", load_average());
@@ -290,15 +352,16 @@ fn payloads_by_server(n: usize) -> Vec<JobPayload> {
     jobs
 }
 
-/// Starts 11 fake V2Ray panels with `latency`, then runs both systems against them: one
+/// Starts 11 fake V2Ray panels with `latency`, then runs every system against them: one
 /// unmeasured warm-up each, then `runs` interleaved measured runs.
 async fn http_scenario(
     url: &str,
+    bull: (&Bullmq, &RedisServer),
     latency: Latency,
     jobs: &[JobPayload],
     warmup: &[JobPayload],
     runs: usize,
-) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
+) -> anyhow::Result<(Vec<Sample>, Vec<Sample>, Vec<Sample>)> {
     let fleet = FakeFleet::start(SERVERS, 0, |_, _| {
         FakeServerConfig::v2ray().with_latency(latency.clone())
     })
@@ -319,7 +382,7 @@ async fn http_scenario(
     run_apalis(url, warmup, HTTP_CONCURRENCY, with_fleet())
         .await
         .context("apalis-redis warm-up")?;
-    let (mut kf, mut ap) = (Vec::new(), Vec::new());
+    let (mut kf, mut ap, mut bm) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
         let sample = run_keyfleet(
             url,
@@ -333,9 +396,11 @@ async fn http_scenario(
         kf.push(report("keyfleet", run, runs, sample));
         let sample = run_apalis(url, jobs, HTTP_CONCURRENCY, with_fleet()).await?;
         ap.push(report("apalis-redis", run, runs, sample));
+        let sample = run_bullmq(bull, jobs, warmup, HTTP_CONCURRENCY, with_fleet()).await?;
+        bm.push(report("BullMQ", run, runs, sample));
     }
     fleet.shutdown().await;
-    Ok((kf, ap))
+    Ok((kf, ap, bm))
 }
 
 /// One measured run.
@@ -413,8 +478,8 @@ struct Row {
     min: f64,
     max: f64,
     redis_cpu: f64,
-    /// keyfleet rows: the ratio of the medians, and the median of the per-pair ratios (run i of
-    /// keyfleet against run i of apalis-redis, which ran right after it).
+    /// Peer rows: keyfleet / this system, as the ratio of the medians and the median of the
+    /// per-round ratios (run i of keyfleet against run i of this system, in the same round).
     ratio: Option<(f64, f64)>,
 }
 
@@ -433,17 +498,26 @@ impl Row {
         }
     }
 
-    /// The keyfleet row carries the ratio of the medians.
-    fn pair(scenario: &str, keyfleet: &[Sample], apalis: &[Sample]) -> [Row; 2] {
-        let mut kf = Row::single(scenario, "keyfleet", keyfleet);
-        let ap = Row::single(scenario, "apalis-redis 1.0.0", apalis);
-        let pairs = keyfleet
-            .iter()
-            .zip(apalis)
-            .map(|(k, a)| k.jobs_per_sec() / a.jobs_per_sec())
-            .collect();
-        kf.ratio = Some((kf.median / ap.median, median_of(pairs)));
-        [kf, ap]
+    /// keyfleet's row, then one row per peer carrying keyfleet / peer.
+    fn compare<'a, const N: usize>(
+        scenario: &str,
+        keyfleet: &[Sample],
+        peers: [(&'a str, &'a [Sample]); N],
+    ) -> Vec<Row> {
+        let kf = Row::single(scenario, "keyfleet", keyfleet);
+        let mut rows = Vec::with_capacity(N + 1);
+        for (system, samples) in peers {
+            let mut peer = Row::single(scenario, system, samples);
+            let rounds = keyfleet
+                .iter()
+                .zip(samples)
+                .map(|(k, p)| k.jobs_per_sec() / p.jobs_per_sec())
+                .collect();
+            peer.ratio = Some((kf.median / peer.median, median_of(rounds)));
+            rows.push(peer);
+        }
+        rows.insert(0, kf);
+        rows
     }
 
     fn print(&self) {
@@ -811,6 +885,249 @@ async fn run_apalis(
     result
 }
 
+/// A `redis-server` of the bench's own on a free loopback port, stopped when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+    url: String,
+}
+
+impl RedisServer {
+    /// The same binary and settings for every instance: no persistence (as `.ci/services.sh` runs
+    /// the shared one), the log in `work/redis-<name>/redis.log`.
+    async fn start(work: &Path, name: &str) -> anyhow::Result<Self> {
+        let dir = work.join(format!("redis-{name}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // The kernel's free port; redis-server binds it right after (a race with another process
+        // taking it in between shows as redis-server exiting, below).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                    "the queue benchmark starts Redis servers of its own and `redis-server` is \
+                     not on PATH (install it: apt-get install redis-server, or bash \
+                     .ci/services.sh)"
+                ),
+                _ => anyhow::anyhow!("start redis-server: {error}"),
+            })?;
+        let mut server = Self {
+            child,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                bail!(
+                    "redis-server on port {port} exited ({status}) before answering; its log: {}",
+                    dir.join("redis.log").display()
+                );
+            }
+            match ping(&server.url).await {
+                Ok(()) => return Ok(server),
+                Err(error) if Instant::now() > deadline => {
+                    bail!("redis-server on port {port} did not answer PING within 10 s: {error:#}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    async fn flush(&self) -> anyhow::Result<()> {
+        let mut conn = redis::Client::open(self.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: String = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn ping(redis_url: &str) -> anyhow::Result<()> {
+    let mut conn = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+    Ok(())
+}
+
+/// BullMQ's side, installed: `benches/bullmq` copied into `dir` and `npm ci` run there.
+struct Bullmq {
+    dir: PathBuf,
+    version: String,
+    node: String,
+}
+
+impl Bullmq {
+    async fn install(dir: &Path) -> anyhow::Result<Self> {
+        let node = tokio::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "the queue benchmark runs BullMQ beside keyfleet and needs Node.js: `node \
+                     --version` failed ({error}); install node and npm (apt-get install nodejs npm)"
+                )
+            })?;
+        ensure!(
+            node.status.success(),
+            "`node --version` failed: {}",
+            node.status
+        );
+        let node = String::from_utf8_lossy(&node.stdout).trim().to_owned();
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        for file in BULLMQ_FILES {
+            let from = Path::new(BULLMQ_SOURCE).join(file);
+            std::fs::copy(&from, dir.join(file))
+                .with_context(|| format!("copy {} to {}", from.display(), dir.display()))?;
+        }
+        // Exactly the locked tree; no install scripts (msgpackr's optional native addon is left out,
+        // msgpackr then runs as plain JavaScript).
+        let mut npm = tokio::process::Command::new("npm");
+        npm.args([
+            "ci",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+        let installed = tokio::time::timeout(NPM_TIMEOUT, npm.output())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "`npm ci` in {} took over {NPM_TIMEOUT:?}: is the npm registry reachable?",
+                    dir.display()
+                )
+            })?
+            .map_err(|error| {
+                anyhow::anyhow!(
+                    "the queue benchmark installs BullMQ with npm: `npm ci` could not start \
+                     ({error}); install npm (apt-get install npm)"
+                )
+            })?;
+        ensure!(
+            installed.status.success(),
+            "`npm ci` in {} failed ({}): is the npm registry reachable? {}",
+            dir.display(),
+            installed.status,
+            String::from_utf8_lossy(&installed.stderr).trim()
+        );
+        let manifest = dir.join("node_modules/bullmq/package.json");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&manifest)
+                .with_context(|| format!("read {}", manifest.display()))?,
+        )?;
+        let version = manifest["version"]
+            .as_str()
+            .context("bullmq's package.json has no version")?
+            .to_owned();
+        Ok(Self {
+            dir: dir.to_owned(),
+            version,
+            node,
+        })
+    }
+}
+
+/// One BullMQ run: its Redis flushed, the jobs and the fake servers' addresses handed to
+/// `bench.cjs` in a spec file, its one-line JSON report read back. Each run is a new `node`
+/// process, which drains `warmup` first (unmeasured) so that its JIT and HTTP connections are as
+/// warm as those of the Rust side, whose runs share one process.
+async fn run_bullmq(
+    (bullmq, redis): (&Bullmq, &RedisServer),
+    jobs: &[JobPayload],
+    warmup: &[JobPayload],
+    concurrency: usize,
+    http: Option<(Arc<Http>, &FakeFleet)>,
+) -> anyhow::Result<Sample> {
+    redis.flush().await?;
+    let (http, fleet) = http.unzip();
+    let servers: Vec<serde_json::Value> = http
+        .iter()
+        .flat_map(|h| &h.servers)
+        .map(|(_, url, key)| serde_json::json!({ "url": url, "key": key }))
+        .collect();
+    let spec = serde_json::json!({
+        "redis_port": redis.port,
+        "concurrency": concurrency,
+        "jobs": jobs,
+        "warmup": warmup,
+        "servers": servers,
+    });
+    let spec_path = bullmq.dir.join("spec.json");
+    std::fs::write(&spec_path, spec.to_string())
+        .with_context(|| format!("write {}", spec_path.display()))?;
+    reset_meters(fleet);
+    let child = tokio::process::Command::new("node")
+        .arg("bench.cjs")
+        .arg(&spec_path)
+        .current_dir(&bullmq.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start node bench.cjs")?;
+    let output = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow::anyhow!("BullMQ's run timed out after {RUN_TIMEOUT:?}"))??;
+    ensure!(
+        output.status.success(),
+        "node bench.cjs failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "bench.cjs printed no JSON report: {:?}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })?;
+    let number = |field: &str| {
+        report[field]
+            .as_f64()
+            .with_context(|| format!("bench.cjs's report has no number {field:?}: {report}"))
+    };
+    ensure!(
+        number("errors")? == 0.0,
+        "BullMQ: {} jobs failed",
+        number("errors")?
+    );
+    ensure!(
+        number("completed")? == jobs.len() as f64 && number("left")? == 0.0,
+        "BullMQ's queue does not show every job completed: {report}"
+    );
+    Ok(Sample {
+        jobs: jobs.len(),
+        elapsed: Duration::from_secs_f64(number("elapsed_s")?),
+        stop: Duration::from_secs_f64(number("stop_s")?),
+        peaks: peaks(fleet),
+        redis_cpu: Duration::from_secs_f64(number("redis_cpu_s")?),
+    })
+}
+
 /// Deletes the keys of one apalis-redis queue, and its entry in apalis's global queue list.
 async fn purge_apalis(
     mut conn: apalis_redis::ConnectionManager,
@@ -948,20 +1265,6 @@ async fn redis_version(redis_url: &str) -> anyhow::Result<String> {
         .unwrap_or("?")
         .trim()
         .to_owned())
-}
-
-/// The benchmark only ever talks to a Redis on this machine.
-fn ensure_loopback(redis_url: &str) -> anyhow::Result<()> {
-    let host = url::Url::parse(redis_url)
-        .with_context(|| format!("REDIS_URL {redis_url:?}"))?
-        .host_str()
-        .unwrap_or_default()
-        .to_owned();
-    ensure!(
-        matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]"),
-        "REDIS_URL must point at 127.0.0.1, not {host:?}"
-    );
-    Ok(())
 }
 
 fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
