@@ -34,9 +34,10 @@ demo:
 up:
     docker compose -f deploy/compose.yaml up --build
 
-# Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis, sweeps and
-# write-back against the naive way, then purchase latency through the API against the requests it
-# cannot avoid (needs Postgres and Redis on localhost).
+# Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis and BullMQ
+# (needs redis-server, node and npm: it starts Redis servers of its own and installs BullMQ from npm
+# into target/tmp), sweeps and write-back against the naive way, then purchase latency through the
+# API against the requests it cannot avoid (needs Postgres and Redis on localhost).
 bench:
     cargo bench -p keyfleet --bench queue
     cargo bench -p keyfleet --bench sweeps
