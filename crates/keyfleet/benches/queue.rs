@@ -313,6 +313,16 @@ async fn main() -> anyhow::Result<()> {
         1e6 / median(&ap),
         1e6 / median(&bm)
     );
+    let client_cpu =
+        |samples: &[Sample]| median_of(samples.iter().map(Sample::client_cpu_per_job).collect());
+    println!(
+        "- (a) CPU of the worker's process per job (user + system, all threads; medians): \
+         keyfleet {:.0} us, apalis-redis {:.0} us, BullMQ {:.0} us (node, one JavaScript thread); \
+         Redis CPU per job is in the table",
+        client_cpu(&kf),
+        client_cpu(&ap),
+        client_cpu(&bm)
+    );
     println!(
         "- worker stop after the last acknowledgement (median): keyfleet {:.0} ms, apalis-redis \
          {:.0} ms, BullMQ {:.0} ms (not in the figures above)",
@@ -323,6 +333,24 @@ async fn main() -> anyhow::Result<()> {
     println!("- apalis-redis with {APALIS_BACKLOG_PROBE} due jobs: {probe}");
     println!("- load average at the end: {}", load_average());
     Ok(())
+}
+
+/// This process's CPU time so far, user + system over all its threads (`/proc/self/stat`, in
+/// USER_HZ = 100 ticks per second: 10 ms resolution, 1 % of a one-second run).
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name (which is in parentheses): state is field 3, utime 14,
+            // stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// `/proc/loadavg` (1, 5, 15 minutes): how busy the shared machine was.
@@ -413,6 +441,10 @@ struct Sample {
     peaks: Vec<u64>,
     /// CPU time the Redis server used from the worker's start until it returned.
     redis_cpu: Duration,
+    /// CPU time of the worker's process over the same window (user + system, all threads): this
+    /// process for keyfleet and apalis-redis (with the fake fleet in it in (b) and (c)), the
+    /// `node` process for BullMQ (without the fakes).
+    client_cpu: Duration,
 }
 
 impl Sample {
@@ -422,6 +454,10 @@ impl Sample {
 
     fn redis_cpu_per_job(&self) -> f64 {
         micros(self.redis_cpu) / self.jobs as f64
+    }
+
+    fn client_cpu_per_job(&self) -> f64 {
+        micros(self.client_cpu) / self.jobs as f64
     }
 }
 
@@ -760,6 +796,7 @@ async fn run_keyfleet(
             http,
             progress: progress.clone(),
         };
+        let process_before = process_cpu();
         let started = Instant::now();
         let running = (0..workers).map(|w| {
             let name = format!("kfbench-{w}-{}", Uuid::new_v4().simple());
@@ -780,6 +817,7 @@ async fn run_keyfleet(
         let outcome =
             tokio::time::timeout(RUN_TIMEOUT, futures::future::try_join_all(running)).await;
         let stopped = Instant::now();
+        let client_cpu = process_cpu().saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
         maintenance.abort();
         outcome.context("timed out")??;
@@ -795,6 +833,7 @@ async fn run_keyfleet(
             stop: stopped - last_done,
             peaks: peaks(fleet),
             redis_cpu: Duration::from_secs_f64(redis_cpu.max(0.0)),
+            client_cpu,
         })
     }
     .await;
@@ -848,10 +887,12 @@ async fn run_apalis(
             .build(apalis_job);
         let mut cpu = RedisCpu::connect(redis_url).await?;
         let cpu_before = cpu.now().await?;
+        let process_before = process_cpu();
         let started = Instant::now();
         let outcome =
             tokio::time::timeout(RUN_TIMEOUT, worker.run_until(progress.until_done())).await;
         let stopped = Instant::now();
+        let client_cpu = process_cpu().saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
         match outcome {
             Err(_) => bail!("timed out after {RUN_TIMEOUT:?}"),
@@ -878,6 +919,7 @@ async fn run_apalis(
             stop: stopped - last_done,
             peaks: peaks(fleet),
             redis_cpu: Duration::from_secs_f64(redis_cpu.max(0.0)),
+            client_cpu,
         })
     }
     .await;
@@ -1125,6 +1167,7 @@ async fn run_bullmq(
         stop: Duration::from_secs_f64(number("stop_s")?),
         peaks: peaks(fleet),
         redis_cpu: Duration::from_secs_f64(number("redis_cpu_s")?),
+        client_cpu: Duration::from_secs_f64(number("worker_cpu_s")?),
     })
 }
 

@@ -112,12 +112,14 @@ async function drain(name, jobs, spec, servers, stats) {
   await worker.waitUntilReady();
 
   const cpuBefore = cpuSeconds(await stats.info('cpu'));
+  const processBefore = process.cpuUsage();
   const started = performance.now();
   const running = worker.run();
   await finished;
   await worker.close();
   await running;
   const stopped = performance.now();
+  const processCpu = process.cpuUsage(processBefore);
   const cpuAfter = cpuSeconds(await stats.info('cpu'));
 
   const counts = await queue.getJobCounts('completed', 'failed', 'wait', 'active', 'delayed', 'prioritized');
@@ -130,6 +132,7 @@ async function drain(name, jobs, spec, servers, stats) {
     elapsed_s: (lastDone - started) / 1e3,
     stop_s: (stopped - lastDone) / 1e3,
     redis_cpu_s: Math.max(0, cpuAfter - cpuBefore),
+    worker_cpu_s: (processCpu.user + processCpu.system) / 1e6,
   };
 }
 
