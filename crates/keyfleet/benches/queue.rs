@@ -34,8 +34,9 @@
 //!   apalis-redis: `RedisStorage` with `Config::default()` (only the queue name is ours), the same
 //!   `JobPayload`s, a no-op handler; apalis acknowledges. BullMQ: the same payloads as job data
 //!   (`Queue.addBulk`), an async no-op processor; BullMQ acknowledges (`moveToFinished`, which also
-//!   fetches the worker's next job in the same script). A diagnostic row runs keyfleet with a single
-//!   claim loop, to show what one claim in flight at a time costs.
+//!   fetches the worker's next job in the same script). Diagnostic rows run keyfleet with a single
+//!   claim loop, to show what one claim in flight at a time costs, and with 16 (twice what
+//!   `keyfleet worker` runs), to show whether more claims in flight would help.
 //! - (b) HTTP: each job is one GET to a fake V2Ray panel with 0 ms latency, jobs round-robin over
 //!   11 servers. keyfleet: per-server limit 4, worker concurrency 44. apalis-redis and BullMQ:
 //!   concurrency 44 and no per-server limit (apalis-redis has none; BullMQ's per-group limits are
@@ -88,6 +89,9 @@ const BULLMQ_LIMIT: &str = "none (groups are BullMQ Pro)";
 /// Scenario (a): worker concurrency, and keyfleet's per-server limit (on, but not binding).
 const NOOP_CONCURRENCY: usize = 64;
 const NOOP_LIMIT: u32 = 64;
+/// Scenario (a), a diagnostic row: twice the claim loops `keyfleet worker` runs at concurrency 64
+/// (8), to show whether claims in flight, not CPU, bound it.
+const MANY_CLAIM_LOOPS: usize = 16;
 /// Scenarios (b) and (c): keyfleet's per-server limit; both systems run 11 × 4 jobs at once.
 const HTTP_LIMIT: u32 = 4;
 const HTTP_CONCURRENCY: usize = SERVERS * HTTP_LIMIT as usize;
@@ -146,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
     println!("## (a) no-op jobs, one worker, concurrency {NOOP_CONCURRENCY}");
     let url = redis.url.as_str();
     let bull = (&bullmq, &bullmq_redis);
+    let many_loops = format!("keyfleet, {MANY_CLAIM_LOOPS} claim loops");
     run_keyfleet(
         url,
         &warmup,
@@ -159,7 +164,8 @@ async fn main() -> anyhow::Result<()> {
     run_apalis(url, &warmup, NOOP_CONCURRENCY, None)
         .await
         .context("apalis-redis warm-up")?;
-    let (mut kf, mut ap, mut bm, mut kf2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut kf, mut ap, mut bm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut kf2, mut kf_many) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         let sample = run_keyfleet(
             url,
@@ -177,6 +183,16 @@ async fn main() -> anyhow::Result<()> {
         bm.push(report("BullMQ", run, runs, sample));
         let sample = run_keyfleet(url, &jobs, NOOP_LIMIT, NOOP_CONCURRENCY, 1, None).await?;
         kf2.push(report("keyfleet, 1 claim loop", run, runs, sample));
+        let sample = run_keyfleet(
+            url,
+            &jobs,
+            NOOP_LIMIT,
+            NOOP_CONCURRENCY,
+            MANY_CLAIM_LOOPS,
+            None,
+        )
+        .await?;
+        kf_many.push(report(&many_loops, run, runs, sample));
     }
     let bullmq_name = format!("BullMQ {}", bullmq.version);
     table.extend(Row::compare(
@@ -189,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
         "keyfleet, 1 claim loop",
         &kf2,
     ));
+    table.push(Row::single("(a) no-op, diagnostic", &many_loops, &kf_many));
     println!();
 
     // Diagnostics: what each script costs, compared with a bare Redis round trip.
