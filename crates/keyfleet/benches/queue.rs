@@ -9,12 +9,13 @@
 //!   into `target/tmp/queue-bench/bullmq` (fast when npm's cache has it; needs the npm registry the
 //!   first time) and fails, naming what is missing, if `node`, `npm` or the registry is not there.
 //!
-//! Run: `just bench` (= `cargo bench -p keyfleet --bench queue`). Needs `redis-server`, `node` and
-//! `npm` on PATH (`.ci/services.sh` installs redis-server). The bench starts **two Redis servers of
-//! its own** on free loopback ports, from the same `redis-server` binary with the same settings (no
-//! persistence, as `.ci/services.sh` runs the shared one): one for keyfleet and apalis-redis, one for
-//! BullMQ, so that each system's "Redis CPU" is its own and no other client of the shared Redis on
-//! 6379 (tests, other benches) runs in the same server. Both are stopped when the bench ends. Knobs:
+//! Run: `cargo bench -p keyfleet --bench queue` (the first step of `just bench`). Needs
+//! `redis-server`, `node` and `npm` on PATH (`.ci/services.sh` installs redis-server; `REDIS_URL`
+//! is not read). The bench starts **two Redis servers of its own** on free loopback ports, from the
+//! same `redis-server` binary with the same settings (no persistence, as `.ci/services.sh` runs the
+//! shared one): one for keyfleet and apalis-redis, one for BullMQ, so that each system's "Redis
+//! CPU" is its own and no other client of the shared Redis on 6379 (tests, other benches) runs in
+//! the same server. Both are stopped when the bench ends, fails or is interrupted (Ctrl-C). Knobs:
 //! `KF_BENCH_JOBS` (jobs per run, default 7,500: stock apalis-redis cannot start on a backlog of
 //! 8,000 due jobs, which the last step shows), `KF_BENCH_RUNS` (measured runs per system and
 //! scenario, default 5).
@@ -111,6 +112,15 @@ const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // On Ctrl-C the bench's future is dropped, and with it its Redis servers and `node` (killed on
+    // drop), so none is left running.
+    tokio::select! {
+        result = bench() => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the bench's Redis servers are stopped"),
+    }
+}
+
+async fn bench() -> anyhow::Result<()> {
     let jobs_n = env_usize("KF_BENCH_JOBS", DEFAULT_JOBS)?;
     let runs = env_usize("KF_BENCH_RUNS", DEFAULT_RUNS)?;
     ensure!(
