@@ -350,6 +350,15 @@ async fn bench() -> anyhow::Result<()> {
         client_cpu(&ap),
         client_cpu(&bm)
     );
+    let calls =
+        |samples: &[Sample]| median_of(samples.iter().map(Sample::script_calls_per_job).collect());
+    println!(
+        "- (a) Redis script calls (EVALSHA, EVAL) per job, medians: keyfleet {:.2}, apalis-redis \
+         {:.2}, BullMQ {:.2}",
+        calls(&kf),
+        calls(&ap),
+        calls(&bm)
+    );
     println!(
         "- worker stop after the last acknowledgement (median): keyfleet {:.0} ms, apalis-redis \
          {:.0} ms, BullMQ {:.0} ms (not in the figures above)",
@@ -472,6 +481,9 @@ struct Sample {
     /// process for keyfleet and apalis-redis (with the fake fleet in it in (b) and (c)), the
     /// `node` process for BullMQ (without the fakes).
     client_cpu: Duration,
+    /// Script calls (EVALSHA, EVAL) Redis ran over the same window: the worker's and the
+    /// maintenance's (keyfleet: lease heartbeats, the reaper).
+    script_calls: u64,
 }
 
 impl Sample {
@@ -485,6 +497,10 @@ impl Sample {
 
     fn client_cpu_per_job(&self) -> f64 {
         micros(self.client_cpu) / self.jobs as f64
+    }
+
+    fn script_calls_per_job(&self) -> f64 {
+        self.script_calls as f64 / self.jobs as f64
     }
 }
 
@@ -511,6 +527,23 @@ impl RedisCpu {
                 .unwrap_or(0.0)
         };
         Ok(field("used_cpu_user:") + field("used_cpu_sys:"))
+    }
+
+    /// Script calls (EVALSHA and EVAL) the server has run so far, from `INFO commandstats`.
+    async fn script_calls(&mut self) -> anyhow::Result<u64> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.0)
+            .await?;
+        Ok(info
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("cmdstat_evalsha:")
+                    .or_else(|| l.strip_prefix("cmdstat_eval:"))
+            })
+            .filter_map(|l| l.split(',').find_map(|f| f.strip_prefix("calls=")))
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum())
     }
 }
 
@@ -816,6 +849,7 @@ async fn run_keyfleet(
         let wake = WakeSignal::spawn(&queue);
         let progress = Progress::new(jobs.len());
         let mut cpu = RedisCpu::connect(redis_url).await?;
+        let calls_before = cpu.script_calls().await?;
         let cpu_before = cpu.now().await?;
         let ctx = KeyfleetJob {
             queue: queue.clone(),
@@ -846,6 +880,7 @@ async fn run_keyfleet(
         let stopped = Instant::now();
         let client_cpu = process_cpu().saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
+        let script_calls = cpu.script_calls().await?.saturating_sub(calls_before);
         maintenance.abort();
         outcome.context("timed out")??;
         let last_done = progress.check()?;
@@ -861,6 +896,7 @@ async fn run_keyfleet(
             peaks: peaks(fleet),
             redis_cpu: Duration::from_secs_f64(redis_cpu.max(0.0)),
             client_cpu,
+            script_calls,
         })
     }
     .await;
@@ -913,6 +949,7 @@ async fn run_apalis(
             })
             .build(apalis_job);
         let mut cpu = RedisCpu::connect(redis_url).await?;
+        let calls_before = cpu.script_calls().await?;
         let cpu_before = cpu.now().await?;
         let process_before = process_cpu();
         let started = Instant::now();
@@ -921,6 +958,7 @@ async fn run_apalis(
         let stopped = Instant::now();
         let client_cpu = process_cpu().saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
+        let script_calls = cpu.script_calls().await?.saturating_sub(calls_before);
         match outcome {
             Err(_) => bail!("timed out after {RUN_TIMEOUT:?}"),
             Ok(Err(error)) => bail!(
@@ -947,6 +985,7 @@ async fn run_apalis(
             peaks: peaks(fleet),
             redis_cpu: Duration::from_secs_f64(redis_cpu.max(0.0)),
             client_cpu,
+            script_calls,
         })
     }
     .await;
@@ -1195,6 +1234,7 @@ async fn run_bullmq(
         peaks: peaks(fleet),
         redis_cpu: Duration::from_secs_f64(number("redis_cpu_s")?),
         client_cpu: Duration::from_secs_f64(number("worker_cpu_s")?),
+        script_calls: number("script_calls")? as u64,
     })
 }
 

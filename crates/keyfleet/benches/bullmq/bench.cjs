@@ -71,6 +71,14 @@ function roundTrip(servers, job) {
   });
 }
 
+// Script calls (EVALSHA, EVAL) so far, from INFO commandstats.
+function scriptCalls(info) {
+  return info.split(/\r?\n/)
+    .filter((l) => l.startsWith('cmdstat_evalsha:') || l.startsWith('cmdstat_eval:'))
+    .map((l) => Number((l.match(/calls=(\d+)/) || [0, 0])[1]))
+    .reduce((a, b) => a + b, 0);
+}
+
 function cpuSeconds(info) {
   const field = (name) => {
     const line = info.split(/\r?\n/).find((l) => l.startsWith(`${name}:`));
@@ -111,6 +119,7 @@ async function drain(name, jobs, spec, servers, stats) {
   worker.on('error', (error) => { process.stderr.write(`bullmq worker error: ${error}\n`); });
   await worker.waitUntilReady();
 
+  const callsBefore = scriptCalls(await stats.info('commandstats'));
   const cpuBefore = cpuSeconds(await stats.info('cpu'));
   const processBefore = process.cpuUsage();
   const started = performance.now();
@@ -121,6 +130,7 @@ async function drain(name, jobs, spec, servers, stats) {
   const stopped = performance.now();
   const processCpu = process.cpuUsage(processBefore);
   const cpuAfter = cpuSeconds(await stats.info('cpu'));
+  const calls = scriptCalls(await stats.info('commandstats')) - callsBefore;
 
   const counts = await queue.getJobCounts('completed', 'failed', 'wait', 'active', 'delayed', 'prioritized');
   await queue.close();
@@ -133,6 +143,7 @@ async function drain(name, jobs, spec, servers, stats) {
     stop_s: (stopped - lastDone) / 1e3,
     redis_cpu_s: Math.max(0, cpuAfter - cpuBefore),
     worker_cpu_s: (processCpu.user + processCpu.system) / 1e6,
+    script_calls: calls,
   };
 }
 
