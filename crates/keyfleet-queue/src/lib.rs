@@ -317,6 +317,8 @@ pub struct Queue {
     conn: Conn,
     config: QueueConfig,
     scripts: &'static Scripts,
+    /// `{P}`: the hash tag, which the scripts receive as ARGV[1] and prepend to every key.
+    tag: String,
 }
 
 impl Queue {
@@ -327,6 +329,7 @@ impl Queue {
         Ok(Self {
             client,
             conn,
+            tag: format!("{{{}}}", config.prefix),
             config,
             scripts: Scripts::get(),
         })
@@ -339,19 +342,14 @@ impl Queue {
     /// The Redis key `{P}:suffix` of this queue. Every key shares the hash tag `{P}`, so all of a
     /// queue's keys live in one cluster slot and each script's keys are on the node it runs on.
     pub fn redis_key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.tag())
-    }
-
-    /// `{P}`: the hash tag, which the scripts receive as ARGV[1] and prepend to every key.
-    fn tag(&self) -> String {
-        format!("{{{}}}", self.config.prefix)
+        format!("{}:{suffix}", self.tag)
     }
 
     /// A call of `script`: KEYS[1] is `{P}:epoch`, which routes it to the slot of every key it
     /// touches (on a cluster), and ARGV[1] is the tag `{P}`.
     fn script<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
         let mut invocation = script.key(self.redis_key("epoch"));
-        invocation.arg(self.tag());
+        invocation.arg(&self.tag);
         invocation
     }
 
