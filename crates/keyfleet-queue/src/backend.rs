@@ -1,5 +1,4 @@
 use std::{
-    sync::Arc,
     task::{Context, Poll, ready},
     time::Duration,
 };
@@ -14,7 +13,7 @@ use tower::layer::util::Identity;
 
 use keyfleet_core::ServerId;
 
-use crate::{Claim, ClaimedJob, Error, Finish, FinishResult, Queue, QueueConfig, WakeSignal};
+use crate::{Claim, ClaimedJob, Error, Handoff, QueueConfig};
 
 /// What the backend needs from the process it runs in when a claim returns no job to run.
 pub trait ClaimHooks: Send + Sync + 'static {
@@ -33,14 +32,12 @@ pub trait ClaimHooks: Send + Sync + 'static {
 }
 
 /// keyfleet's queue as an apalis backend: the worker asks for a job only when its service has a
-/// free slot, and each ask is one atomic claim in Redis. With nothing to claim it sleeps until a
-/// wake-up (or the idle poll) instead of polling. Redis errors never end the worker: the claim is
-/// retried with back-off.
+/// free slot, and each ask is one atomic claim in Redis, or a job a finish already claimed for it
+/// ([`Handoff`]). With nothing to claim it sleeps until a wake-up (or the idle poll) instead of
+/// polling. Redis errors never end the worker: the claim is retried with back-off.
 pub struct QueueBackend {
-    queue: Queue,
+    handoff: Handoff,
     worker_id: String,
-    wake: WakeSignal,
-    hooks: Arc<dyn ClaimHooks>,
     state: State,
     error_backoff: Duration,
 }
@@ -51,35 +48,62 @@ enum State {
     Claiming(u64, BoxFuture<'static, crate::Result<Claim>>),
     /// Idle (waiting for a wake-up), backing off, or initialising Redis: nothing to finish at stop.
     Waiting(BoxFuture<'static, ()>),
-    /// Giving back a job claimed as the worker stopped.
+    /// Giving back what was claimed for this process as the worker stopped.
     Releasing(BoxFuture<'static, ()>),
 }
 
 impl QueueBackend {
-    pub fn new(
-        queue: Queue,
-        worker_id: impl Into<String>,
-        wake: WakeSignal,
-        hooks: Arc<dyn ClaimHooks>,
-    ) -> Self {
+    /// One claim loop of a process; the process's claim loops and finishers share `handoff`.
+    pub fn new(handoff: Handoff, worker_id: impl Into<String>) -> Self {
         Self {
-            queue,
+            handoff,
             worker_id: worker_id.into(),
-            wake,
-            hooks,
             state: State::Idle,
             error_backoff: MIN_BACKOFF,
         }
     }
 
     fn wait(&mut self, seen: u64, at_most: Duration) {
-        let wake = self.wake.clone();
+        let wake = self.handoff.wake().clone();
         self.state = State::Waiting(Box::pin(async move {
             tokio::select! {
                 () = wake.changed_since(seen) => {}
                 () = tokio::time::sleep(at_most) => {}
             }
         }));
+    }
+
+    /// Acts on what a claim found; a job is returned for the worker to run.
+    fn claimed(&mut self, seen: u64, claimed: crate::Result<Claim>) -> Option<ClaimedJob> {
+        let hooks = self.handoff.hooks();
+        hooks.claim_returned();
+        match claimed {
+            Ok(Claim::Job(job)) => {
+                self.state = State::Idle;
+                self.error_backoff = MIN_BACKOFF;
+                return Some(job);
+            }
+            Ok(Claim::Probe(server)) => {
+                self.error_backoff = MIN_BACKOFF;
+                tokio::spawn(hooks.probe(server));
+                self.state = State::Idle;
+            }
+            Ok(Claim::Uninitialized) => {
+                self.state = State::Waiting(hooks.initialize());
+            }
+            Ok(Claim::Empty { next_due }) => {
+                self.error_backoff = MIN_BACKOFF;
+                let idle = self.handoff.queue().config().idle_poll;
+                self.wait(seen, next_due.map_or(idle, |d| d.min(idle)));
+            }
+            Err(error) => {
+                tracing::warn!(%error, worker = %self.worker_id, "Claim failed; backing off.");
+                let delay = self.error_backoff;
+                self.error_backoff = (delay * 2).min(MAX_BACKOFF);
+                self.state = State::Waiting(Box::pin(tokio::time::sleep(delay)));
+            }
+        }
+        None
     }
 }
 
@@ -102,43 +126,27 @@ impl Backend for QueueBackend {
         loop {
             match &mut self.state {
                 State::Idle => {
-                    let queue = self.queue.clone();
+                    let seen = self.handoff.wake().generation();
+                    if let Some(claim) = self.handoff.take() {
+                        if let Some(job) = self.claimed(seen, Ok(claim)) {
+                            return Poll::Ready(Some(Ok(Task::new(job))));
+                        }
+                        continue;
+                    }
+                    let queue = self.handoff.queue().clone();
                     let worker = self.worker_id.clone();
-                    let seen = self.wake.generation();
                     self.state =
                         State::Claiming(seen, Box::pin(async move { queue.claim(&worker).await }));
                 }
                 State::Claiming(seen, claim) => {
                     let seen = *seen;
                     let claimed = ready!(claim.as_mut().poll(cx));
-                    self.hooks.claim_returned();
-                    match claimed {
-                        Ok(Claim::Job(job)) => {
-                            self.state = State::Idle;
-                            self.error_backoff = MIN_BACKOFF;
-                            return Poll::Ready(Some(Ok(Task::new(job))));
-                        }
-                        Ok(Claim::Probe(server)) => {
-                            self.error_backoff = MIN_BACKOFF;
-                            tokio::spawn(self.hooks.probe(server));
-                            self.state = State::Idle;
-                        }
-                        Ok(Claim::Uninitialized) => {
-                            self.state = State::Waiting(self.hooks.initialize());
-                        }
-                        Ok(Claim::Empty { next_due }) => {
-                            self.error_backoff = MIN_BACKOFF;
-                            let idle = self.queue.config().idle_poll;
-                            self.wait(seen, next_due.map_or(idle, |d| d.min(idle)));
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, worker = %self.worker_id, "Claim failed; backing off.");
-                            let delay = self.error_backoff;
-                            self.error_backoff = (delay * 2).min(MAX_BACKOFF);
-                            self.state = State::Waiting(Box::pin(tokio::time::sleep(delay)));
-                        }
+                    if let Some(job) = self.claimed(seen, claimed) {
+                        return Poll::Ready(Some(Ok(Task::new(job))));
                     }
                 }
+                // A claim handed over by a finish bumps the wake generation, so an idle wait ends
+                // for it as for a wake-up from Redis.
                 State::Waiting(wait) | State::Releasing(wait) => {
                     ready!(wait.as_mut().poll(cx));
                     self.state = State::Idle;
@@ -148,39 +156,22 @@ impl Backend for QueueBackend {
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Error>> {
-        // A claim still in flight at shutdown may have taken a job: give it back unstarted.
+        // Stop claiming on finishes, and give back what was claimed for this process and no claim
+        // loop took: with a claim still in flight at shutdown, that claim's job too (or its probe,
+        // which holds one of the server's slots). An idle wait or a back-off has nothing to
+        // finish: stop now, not at its end.
         if let State::Claiming(_, claim) = &mut self.state {
             let claimed = ready!(claim.as_mut().poll(cx));
-            self.state = State::Idle;
-            match claimed {
-                Ok(Claim::Job(job)) => {
-                    let queue = self.queue.clone();
-                    let hooks = self.hooks.clone();
-                    self.state = State::Releasing(Box::pin(async move {
-                        match queue.finish(&job, &Finish::Release).await {
-                            Ok((FinishResult::Applied, _)) => hooks.released(&job),
-                            Ok(_) => {}
-                            Err(error) => {
-                                tracing::warn!(%error, job = %job.id, "Could not release a job at shutdown; its lease will expire.")
-                            }
-                        }
-                    }));
-                }
-                // A probe holds one of the server's slots: run it (the reaper would take it back
-                // after a lease otherwise).
-                Ok(Claim::Probe(server)) => self.state = State::Releasing(self.hooks.probe(server)),
-                _ => {}
-            }
+            let mut claims = self.handoff.close();
+            claims.extend(claimed.ok());
+            self.state = State::Releasing(self.handoff.give_back(claims));
+        } else if !matches!(self.state, State::Releasing(_)) {
+            self.state = State::Releasing(self.handoff.give_back(self.handoff.close()));
         }
-        match &mut self.state {
-            State::Releasing(release) => {
-                ready!(release.as_mut().poll(cx));
-                self.state = State::Idle;
-            }
-            // An idle wait or a back-off has nothing to finish: stop now, not at its end.
-            State::Waiting(_) => self.state = State::Idle,
-            State::Idle | State::Claiming(..) => {}
+        if let State::Releasing(release) = &mut self.state {
+            ready!(release.as_mut().poll(cx));
         }
+        self.state = State::Idle;
         Poll::Ready(Ok(()))
     }
 }
@@ -193,7 +184,7 @@ impl BackendConfig for QueueBackend {
     type Layer = Identity;
 
     fn config(&self) -> &QueueConfig {
-        self.queue.config()
+        self.handoff.queue().config()
     }
 
     fn middleware(&mut self, _: &mut WorkerContext) -> Identity {

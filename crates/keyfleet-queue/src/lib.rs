@@ -9,6 +9,7 @@
 
 mod backend;
 mod conn;
+mod handoff;
 mod leases;
 mod retry;
 mod scripts;
@@ -23,6 +24,7 @@ use redis::{Script, ScriptInvocation, Value};
 
 pub use backend::{ClaimHooks, QueueBackend};
 pub use conn::RedisMode;
+pub use handoff::Handoff;
 pub use leases::{LEASES_REAPED_METRIC, LeaseRegistry, spawn_maintenance, spawn_maintenance_with};
 pub use retry::backoff;
 use scripts::Scripts;
@@ -648,6 +650,27 @@ impl Queue {
         job: &ClaimedJob,
         finish: &Finish,
     ) -> Result<(FinishResult, BreakerEvent)> {
+        let (result, event, _) = self.finish_then_claim(job, finish, None).await?;
+        Ok((result, event))
+    }
+
+    /// [`Queue::finish`], then, unless the attempt was fenced out, a [`Queue::claim`] for `worker`
+    /// in the same script call: the slot the finish frees is claimed again in one round trip.
+    pub async fn finish_and_claim(
+        &self,
+        job: &ClaimedJob,
+        finish: &Finish,
+        worker: &str,
+    ) -> Result<(FinishResult, BreakerEvent, Option<Claim>)> {
+        self.finish_then_claim(job, finish, Some(worker)).await
+    }
+
+    async fn finish_then_claim(
+        &self,
+        job: &ClaimedJob,
+        finish: &Finish,
+        worker: Option<&str>,
+    ) -> Result<(FinishResult, BreakerEvent, Option<Claim>)> {
         let (outcome, delay, error, server_fault) = match finish {
             Finish::Done => ("done", Duration::ZERO, "", false),
             Finish::Retry {
@@ -662,8 +685,9 @@ impl Queue {
             Finish::Release => ("release", Duration::ZERO, "", false),
             Finish::Requeue { error } => ("requeue", Duration::ZERO, error.as_str(), false),
         };
-        let (reply, event): (i64, i64) = self
-            .script(&self.scripts.finish)
+        let claimed_at = std::time::Instant::now();
+        let mut invocation = self.script(&self.scripts.finish);
+        invocation
             .arg(job.id.0)
             .arg(job.fence)
             .arg(outcome)
@@ -671,10 +695,25 @@ impl Queue {
             .arg(error)
             .arg(u8::from(server_fault))
             .arg(self.config.breaker_threshold)
-            .arg(self.config.breaker_cooldown.as_millis() as u64)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let event = match event {
+            .arg(self.config.breaker_cooldown.as_millis() as u64);
+        if let Some(worker) = worker {
+            invocation
+                .arg(worker)
+                .arg(self.config.lease.as_millis() as u64)
+                .arg(self.probe_deadline().as_millis() as u64);
+        }
+        let mut reply: Vec<Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if reply.len() < 2 {
+            return Err(Error::Reply(format!(
+                "finish returned {} values",
+                reply.len()
+            )));
+        }
+        let next = reply.split_off(2);
+        let int = |v: &Value| -> Result<i64> {
+            redis::from_redis_value_ref::<i64>(v).map_err(|e| Error::Reply(format!("finish: {e}")))
+        };
+        let event = match int(&reply[1])? {
             1 => {
                 tracing::warn!(
                     server_id = %job.server,
@@ -686,13 +725,18 @@ impl Queue {
             2 => BreakerEvent::Closed,
             _ => BreakerEvent::Unchanged,
         };
-        let result = match reply {
+        let result = match int(&reply[0])? {
             0 => FinishResult::Fenced,
             1 => FinishResult::Applied,
             2 => FinishResult::DeadLettered,
             other => return Err(Error::Reply(format!("finish returned {other}"))),
         };
-        Ok((result, event))
+        let next = if next.is_empty() {
+            None
+        } else {
+            Some(parse_claim(next, claimed_at)?)
+        };
+        Ok((result, event, next))
     }
 
     /// Extends the leases of the attempts (job, fence) still held; returns the attempts whose lease

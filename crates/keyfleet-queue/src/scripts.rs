@@ -2,7 +2,8 @@ use std::sync::OnceLock;
 
 use redis::Script;
 
-/// The queue's Lua scripts, each prefixed with the shared helpers in `lua/common.lua`.
+/// The queue's Lua scripts, each prefixed with the shared helpers in `lua/common.lua` (and the
+/// claim and finish with the claim itself, `lua/claim_next.lua`).
 pub(crate) struct Scripts {
     pub enqueue: Script,
     pub claim: Script,
@@ -22,11 +23,10 @@ pub(crate) struct Scripts {
 }
 
 macro_rules! script {
-    ($file:literal) => {
+    ($($file:literal),+) => {
         Script::new(concat!(
             include_str!("lua/common.lua"),
-            "\n",
-            include_str!(concat!("lua/", $file))
+            $("\n", include_str!(concat!("lua/", $file))),+
         ))
     };
 }
@@ -36,8 +36,8 @@ impl Scripts {
         static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
         SCRIPTS.get_or_init(|| Self {
             enqueue: script!("enqueue.lua"),
-            claim: script!("claim.lua"),
-            finish: script!("finish.lua"),
+            claim: script!("claim_next.lua", "claim.lua"),
+            finish: script!("claim_next.lua", "finish.lua"),
             heartbeat: script!("heartbeat.lua"),
             reap: script!("reap.lua"),
             set_limit: script!("set_limit.lua"),

@@ -1,16 +1,18 @@
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::Queue;
 
-/// A counter bumped whenever Redis says a server became claimable (an enqueue, a freed slot, a
-/// promoted retry). Idle claimers wait for it to change instead of polling, so new work is picked
-/// up within milliseconds.
+/// A counter bumped whenever Redis says the ring of claimable servers stopped being empty (an
+/// enqueue, a freed slot, a promoted retry), or this process handed a claim over
+/// ([`WakeSignal::notify_local`]). Idle claimers wait for it to change instead of polling, so new
+/// work is picked up within milliseconds.
 #[derive(Clone)]
 pub struct WakeSignal {
     rx: watch::Receiver<u64>,
+    tx: Arc<watch::Sender<u64>>,
 }
 
 impl WakeSignal {
@@ -18,6 +20,8 @@ impl WakeSignal {
     /// The task ends when every `WakeSignal` clone is dropped.
     pub fn spawn(queue: &Queue) -> Self {
         let (tx, rx) = watch::channel(0u64);
+        let tx = Arc::new(tx);
+        let local = tx.clone();
         let client = queue.client().clone();
         let channel = queue.wake_channel();
         tokio::spawn(async move {
@@ -53,7 +57,12 @@ impl WakeSignal {
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         });
-        Self { rx }
+        Self { rx, tx: local }
+    }
+
+    /// Wakes this process's idle claimers without a round trip through Redis.
+    pub fn notify_local(&self) {
+        self.tx.send_modify(|g| *g += 1);
     }
 
     /// The current generation; pass it to [`WakeSignal::changed_since`] after a claim found nothing.

@@ -1081,3 +1081,139 @@ async fn a_paused_server_gets_no_health_probe_until_resumed() {
     );
     cleanup(q).await;
 }
+
+/// A finish may claim the next job in the same script call: the same claim as `claim` (ring
+/// order, per-server limits, fences), and none when the finish is fenced out.
+#[tokio::test]
+async fn a_finish_claims_the_next_job_in_the_same_call() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 1), (ServerId(2), 1)])
+        .await
+        .unwrap();
+    for i in 0..2 {
+        q.enqueue(&create(1, &format!("s1-{i}"))).await.unwrap();
+    }
+    q.enqueue(&create(2, "s2-0")).await.unwrap();
+    let first = claim(&q).await.unwrap();
+    assert_eq!(first.server, ServerId(1));
+
+    // Server 1 is at its limit, so the claim takes server 2's job; its own slot freed by this
+    // finish puts server 1 back in the ring behind it.
+    let (result, _, next) = q
+        .finish_and_claim(&first, &Finish::Done, "w")
+        .await
+        .unwrap();
+    assert_eq!(result, FinishResult::Applied);
+    let Some(Claim::Job(second)) = next else {
+        panic!("expected a job, got {next:?}")
+    };
+    assert_eq!((second.server, second.attempt), (ServerId(2), 1));
+    assert!(second.fence > first.fence);
+    let (_, _, next) = q
+        .finish_and_claim(&second, &Finish::Done, "w")
+        .await
+        .unwrap();
+    let Some(Claim::Job(third)) = next else {
+        panic!("expected a job, got {next:?}")
+    };
+    assert_eq!(third.server, ServerId(1));
+    let running: Vec<u64> = assert_server_stats(&q, "finish and claim")
+        .await
+        .iter()
+        .map(|s| s.running)
+        .collect();
+    assert_eq!(running, [1, 0], "one slot each, as a plain claim would");
+
+    // A fenced-out finish claims nothing: its caller's slot was never freed by it.
+    let stale = ClaimedJob {
+        fence: first.fence,
+        ..third.clone()
+    };
+    let (result, _, next) = q
+        .finish_and_claim(&stale, &Finish::Done, "w")
+        .await
+        .unwrap();
+    assert_eq!((result, next.is_none()), (FinishResult::Fenced, true));
+    // With nothing left it says so, as a claim does.
+    let (_, _, next) = q
+        .finish_and_claim(&third, &Finish::Done, "w")
+        .await
+        .unwrap();
+    assert!(
+        matches!(next, Some(Claim::Empty { next_due: None })),
+        "{next:?}"
+    );
+    assert_eq!(q.stats().await.unwrap().done, 3);
+    cleanup(q).await;
+}
+
+/// Claimers idle only when they found the ring of claimable servers empty, so a wake-up is
+/// published only when a script call leaves it non-empty after starting with it empty: one per
+/// burst of work, not one per enqueue or freed slot.
+#[tokio::test]
+async fn a_wake_up_is_published_only_when_the_ring_stops_being_empty() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 1), (ServerId(2), 1)])
+        .await
+        .unwrap();
+    let channel = q.redis_key("wake");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut subscriber = client.get_async_pubsub().await.unwrap();
+    subscriber.subscribe(&channel).await.unwrap();
+
+    q.enqueue(&create(1, "a")).await.unwrap(); // empty ring -> [1]: wake
+    q.enqueue(&create(2, "b")).await.unwrap(); // [1] -> [1, 2]: none
+    q.enqueue(&create(1, "c")).await.unwrap(); // already in: none
+    let one = claim(&q).await.unwrap(); // 1 at its limit leaves the ring
+    let two = claim(&q).await.unwrap(); // empty ring
+    assert!(claim(&q).await.is_none());
+    finish(&q, &two, &Finish::Done).await; // 2 has nothing ready: stays out
+    // Server 1's freed slot puts it back in the ring: wake. The claim in the same call takes it
+    // off again: still published (a claimer elsewhere may race for it; harmless).
+    let (_, _, next) = q.finish_and_claim(&one, &Finish::Done, "w").await.unwrap();
+    let Some(Claim::Job(last)) = next else {
+        panic!("expected a job, got {next:?}")
+    };
+    q.set_limits(&[(ServerId(2), 2)]).await.unwrap(); // 2 is not in the ring: none
+    q.enqueue(&create(1, "d")).await.unwrap(); // 1 is at its limit: none
+    q.enqueue(&create(2, "e")).await.unwrap(); // empty ring -> [2]: wake
+    q.enqueue(&create(2, "f")).await.unwrap();
+    // Takes 2 off the ring and puts it back (below its limit, f ready): no wake from a claim.
+    let e = claim(&q).await.unwrap();
+    assert_eq!(e.server, ServerId(2));
+    // 1's freed slot joins a ring that holds 2: none.
+    let (_, _, next) = q.finish_and_claim(&last, &Finish::Done, "w").await.unwrap();
+    let Some(Claim::Job(f)) = next else {
+        panic!("expected a job, got {next:?}")
+    };
+    for job in [&e, &f] {
+        finish(&q, job, &Finish::Done).await;
+    }
+
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg("end")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut published = vec![];
+    let mut messages = subscriber.on_message();
+    loop {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut messages),
+        )
+        .await
+        .expect("the end marker arrives")
+        .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        if payload == "end" {
+            break;
+        }
+        published.push(payload);
+    }
+    assert_eq!(published, ["1", "1", "2"]);
+    drop(messages);
+    cleanup(q).await;
+}

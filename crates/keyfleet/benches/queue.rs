@@ -30,14 +30,16 @@
 //! one worker, BullMQ one `Worker`.
 //! - (a) no-op jobs: N jobs enqueued up front, then concurrency 64 drains them.
 //!   keyfleet: `JobPayload`s over 11 servers with per-server limits of 64 (on, not binding); the
-//!   handler acknowledges with `Queue::finish(Done)` (lease, fence check, per-server slot,
-//!   idempotency key: every guarantee on), lease heartbeats and the reaper run beside it.
+//!   handler acknowledges with `Handoff::finish(Done)` as the worker's executor does (lease, fence
+//!   check, per-server slot, idempotency key: every guarantee on; the same call claims the next
+//!   job for the claim loops), lease heartbeats and the reaper run beside it.
 //!   apalis-redis: `RedisStorage` with `Config::default()` (only the queue name is ours), the same
 //!   `JobPayload`s, a no-op handler; apalis acknowledges. BullMQ: the same payloads as job data
 //!   (`Queue.addBulk`), an async no-op processor; BullMQ acknowledges (`moveToFinished`, which also
 //!   fetches the worker's next job in the same script). Diagnostic rows run keyfleet with a single
-//!   claim loop, to show what one claim in flight at a time costs, and with 16 (twice what
-//!   `keyfleet worker` runs), to show whether more claims in flight would help.
+//!   claim loop, to show what one claim in flight at a time costs, and with claim and finish as
+//!   separate script calls (`Queue::finish`, no hand-over: keyfleet before issue 8's change), to
+//!   show what the hand-over gains in the same run.
 //! - (b) HTTP: each job is one GET to a fake V2Ray panel with 0 ms latency, jobs round-robin over
 //!   11 servers. keyfleet: per-server limit 4, worker concurrency 44. apalis-redis and BullMQ:
 //!   concurrency 44 and no per-server limit (apalis-redis has none; BullMQ's per-group limits are
@@ -77,8 +79,8 @@ use keyfleet::worker::claim_loops;
 use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
 use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
 use keyfleet_queue::{
-    Claim, ClaimHooks, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, QueueBackend,
-    QueueConfig, WakeSignal, spawn_maintenance,
+    Claim, ClaimHooks, ClaimedJob, Finish, FinishResult, Handoff, LeaseRegistry, Queue,
+    QueueBackend, QueueConfig, WakeSignal, spawn_maintenance,
 };
 use tokio::sync::watch;
 use tower::limit::ConcurrencyLimitLayer;
@@ -90,11 +92,10 @@ const BULLMQ_LIMIT: &str = "none (groups are BullMQ Pro)";
 /// Scenario (a): worker concurrency, and keyfleet's per-server limit (on, but not binding).
 const NOOP_CONCURRENCY: usize = 64;
 const NOOP_LIMIT: u32 = 64;
-/// Scenario (a), a diagnostic row: twice the claim loops `keyfleet worker` runs at concurrency 64
-/// (8), to show whether claims in flight, not CPU, bound it.
-const MANY_CLAIM_LOOPS: usize = 16;
 /// Scenarios (b) and (c): keyfleet's per-server limit; both systems run 11 × 4 jobs at once.
 const HTTP_LIMIT: u32 = 4;
+/// Scenario (a), a diagnostic row: keyfleet as it was before a finish claimed the next job.
+const NO_HANDOFF: &str = "keyfleet, claim and finish apart";
 const HTTP_CONCURRENCY: usize = SERVERS * HTTP_LIMIT as usize;
 /// Stock apalis-redis 1.0.0 promotes every due job with one `unpack` in Lua: at 8,000 it fails.
 const APALIS_BACKLOG_PROBE: usize = 8_000;
@@ -160,13 +161,12 @@ async fn bench() -> anyhow::Result<()> {
     println!("## (a) no-op jobs, one worker, concurrency {NOOP_CONCURRENCY}");
     let url = redis.url.as_str();
     let bull = (&bullmq, &bullmq_redis);
-    let many_loops = format!("keyfleet, {MANY_CLAIM_LOOPS} claim loops");
     run_keyfleet(
         url,
         &warmup,
         NOOP_LIMIT,
         NOOP_CONCURRENCY,
-        claim_loops(NOOP_CONCURRENCY),
+        Shape::worker(NOOP_CONCURRENCY),
         None,
     )
     .await
@@ -175,14 +175,14 @@ async fn bench() -> anyhow::Result<()> {
         .await
         .context("apalis-redis warm-up")?;
     let (mut kf, mut ap, mut bm) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut kf2, mut kf_many) = (Vec::new(), Vec::new());
+    let (mut kf2, mut kf_apart) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         let sample = run_keyfleet(
             url,
             &jobs,
             NOOP_LIMIT,
             NOOP_CONCURRENCY,
-            claim_loops(NOOP_CONCURRENCY),
+            Shape::worker(NOOP_CONCURRENCY),
             None,
         )
         .await?;
@@ -191,18 +191,18 @@ async fn bench() -> anyhow::Result<()> {
         ap.push(report("apalis-redis", run, runs, sample));
         let sample = run_bullmq(bull, &jobs, &warmup, NOOP_CONCURRENCY, None).await?;
         bm.push(report("BullMQ", run, runs, sample));
-        let sample = run_keyfleet(url, &jobs, NOOP_LIMIT, NOOP_CONCURRENCY, 1, None).await?;
+        let one_loop = Shape {
+            claim_loops: 1,
+            hand_off: true,
+        };
+        let sample = run_keyfleet(url, &jobs, NOOP_LIMIT, NOOP_CONCURRENCY, one_loop, None).await?;
         kf2.push(report("keyfleet, 1 claim loop", run, runs, sample));
-        let sample = run_keyfleet(
-            url,
-            &jobs,
-            NOOP_LIMIT,
-            NOOP_CONCURRENCY,
-            MANY_CLAIM_LOOPS,
-            None,
-        )
-        .await?;
-        kf_many.push(report(&many_loops, run, runs, sample));
+        let apart = Shape {
+            hand_off: false,
+            ..Shape::worker(NOOP_CONCURRENCY)
+        };
+        let sample = run_keyfleet(url, &jobs, NOOP_LIMIT, NOOP_CONCURRENCY, apart, None).await?;
+        kf_apart.push(report(NO_HANDOFF, run, runs, sample));
     }
     let bullmq_name = format!("BullMQ {}", bullmq.version);
     table.extend(Row::compare(
@@ -215,7 +215,7 @@ async fn bench() -> anyhow::Result<()> {
         "keyfleet, 1 claim loop",
         &kf2,
     ));
-    table.push(Row::single("(a) no-op, diagnostic", &many_loops, &kf_many));
+    table.push(Row::single("(a) no-op, diagnostic", NO_HANDOFF, &kf_apart));
     println!();
 
     // Diagnostics: what each script costs, compared with a bare Redis round trip.
@@ -438,7 +438,7 @@ async fn http_scenario(
         warmup,
         HTTP_LIMIT,
         HTTP_CONCURRENCY,
-        claim_loops(HTTP_CONCURRENCY),
+        Shape::worker(HTTP_CONCURRENCY),
         with_fleet(),
     )
     .await
@@ -453,7 +453,7 @@ async fn http_scenario(
             jobs,
             HTTP_LIMIT,
             HTTP_CONCURRENCY,
-            claim_loops(HTTP_CONCURRENCY),
+            Shape::worker(HTTP_CONCURRENCY),
             with_fleet(),
         )
         .await?;
@@ -782,6 +782,8 @@ fn peaks(fleet: Option<&FakeFleet>) -> Vec<u64> {
 #[derive(Clone)]
 struct KeyfleetJob {
     queue: Queue,
+    /// `None`: finish without claiming the next job (the diagnostic row).
+    handoff: Option<Handoff>,
     leases: LeaseRegistry,
     http: Option<Arc<Http>>,
     progress: Arc<Progress>,
@@ -815,7 +817,11 @@ async fn keyfleet_job(job: ClaimedJob, ctx: Data<KeyfleetJob>) -> Result<(), Box
             ctx.progress.error();
         }
     }
-    match ctx.queue.finish(&job, &Finish::Done).await {
+    let finished = match &ctx.handoff {
+        Some(handoff) => handoff.finish(&job, &Finish::Done).await,
+        None => ctx.queue.finish(&job, &Finish::Done).await,
+    };
+    match finished {
         Ok((FinishResult::Applied, _)) => {}
         _ => ctx.progress.error(),
     }
@@ -823,12 +829,30 @@ async fn keyfleet_job(job: ClaimedJob, ctx: Data<KeyfleetJob>) -> Result<(), Box
     Ok(())
 }
 
+/// How keyfleet's side runs: its claim loops, and whether finishes claim the next job
+/// ([`Handoff`]).
+#[derive(Clone, Copy)]
+struct Shape {
+    claim_loops: usize,
+    hand_off: bool,
+}
+
+impl Shape {
+    /// As `keyfleet worker` runs at this concurrency.
+    fn worker(concurrency: usize) -> Self {
+        Self {
+            claim_loops: claim_loops(concurrency),
+            hand_off: true,
+        }
+    }
+}
+
 async fn run_keyfleet(
     redis_url: &str,
     jobs: &[JobPayload],
     limit: u32,
     concurrency: usize,
-    workers: usize,
+    shape: Shape,
     http: Option<(Arc<Http>, &FakeFleet)>,
 ) -> anyhow::Result<Sample> {
     let prefix = format!("kfbench:{}", Uuid::new_v4().simple());
@@ -851,23 +875,27 @@ async fn run_keyfleet(
         let mut cpu = RedisCpu::connect(redis_url).await?;
         let calls_before = cpu.script_calls().await?;
         let cpu_before = cpu.now().await?;
+        let handoff = Handoff::new(
+            queue.clone(),
+            format!("kfbench-{}", Uuid::new_v4().simple()),
+            wake,
+            Arc::new(BenchHooks),
+            concurrency,
+        );
         let ctx = KeyfleetJob {
             queue: queue.clone(),
+            handoff: shape.hand_off.then(|| handoff.clone()),
             leases,
             http,
             progress: progress.clone(),
         };
         let process_before = process_cpu();
         let started = Instant::now();
+        let workers = shape.claim_loops;
         let running = (0..workers).map(|w| {
             let name = format!("kfbench-{w}-{}", Uuid::new_v4().simple());
             WorkerBuilder::new(name.as_str())
-                .backend(QueueBackend::new(
-                    queue.clone(),
-                    name.as_str(),
-                    wake.clone(),
-                    Arc::new(BenchHooks),
-                ))
+                .backend(QueueBackend::new(handoff.clone(), name.as_str()))
                 .layer(ConcurrencyLimitLayer::new(
                     concurrency / workers + usize::from(w < concurrency % workers),
                 ))

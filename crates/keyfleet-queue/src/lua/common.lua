@@ -54,8 +54,9 @@ local function is_held(s)
 end
 
 -- Keeps the ring invariant for server s: s is in the ring iff it has ready jobs, is below its
--- limit, its breaker is closed and no operator paused it. Returns true when s was added, i.e. an
--- idle claimer may want to know.
+-- limit, its breaker is closed and no operator paused it. Returns true when s was added to an
+-- empty ring: claimers go idle only on an empty ring, so only then is a wake-up worth publishing.
+-- (A claim takes servers off the ring before it puts them back, but it publishes nothing.)
 local function refresh(s, now)
   local eligible = tonumber(redis.call('HGET', P .. ':nready', s) or '0') > 0
   if eligible then
@@ -66,8 +67,7 @@ local function refresh(s, now)
   local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
   if eligible and not member then
     redis.call('SADD', P .. ':inring', s)
-    redis.call('LPUSH', P .. ':ring', s)
-    return true
+    return redis.call('LPUSH', P .. ':ring', s) == 1
   elseif member and not eligible then
     redis.call('SREM', P .. ':inring', s)
     redis.call('LREM', P .. ':ring', 1, s)

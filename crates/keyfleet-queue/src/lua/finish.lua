@@ -1,8 +1,11 @@
 -- ARGV: prefix, id, fence, outcome (done|retry|dead|release|requeue), delay ms, error,
---       server fault (1: the server failed transiently), breaker threshold, breaker cool-down ms
--- Returns {result, breaker event}; result 0 when the attempt is fenced out (its lease was lost and
--- the job moved on), 1 when applied, 2 when a retry was refused because the attempts are spent
--- (dead-lettered); breaker event 1 when the server's breaker opened, 2 when it closed.
+--       server fault (1: the server failed transiently), breaker threshold, breaker cool-down ms,
+--       and optionally worker id, lease ms, probe lease ms: claim the worker's next job too
+-- Returns {result, breaker event, claim...}; result 0 when the attempt is fenced out (its lease was
+-- lost and the job moved on), 1 when applied, 2 when a retry was refused because the attempts are
+-- spent (dead-lettered); breaker event 1 when the server's breaker opened, 2 when it closed; then,
+-- if asked and the finish was not fenced out, what claim_next returned. The slot this finish frees
+-- is claimed in the same call, as BullMQ's moveToFinished does: one script call per job.
 -- release: give the job back unstarted (attempt and try refunded); requeue: run it again at once
 -- with a fresh fence, attempt refunded but the try kept (it may have acted on the server).
 local id = ARGV[2]
@@ -51,4 +54,7 @@ else
   return redis.error_reply('unknown outcome ' .. outcome)
 end
 refresh_and_wake(s, now)
+if ARGV[10] then
+  return {result, event, unpack(claim_next(ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])))}
+end
 return {result, event}

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use apalis_core::{error::BoxDynError, task::data::Data};
 use keyfleet_core::{Failure, FailureClass, JobPayload, ServerId, SubscriptionId};
 use keyfleet_queue::{
-    BreakerEvent, ClaimedJob, Finish, FinishResult, LeaseRegistry, Queue, backoff,
+    BreakerEvent, ClaimedJob, Finish, FinishResult, Handoff, LeaseRegistry, Queue, backoff,
 };
 use keyfleet_store::{
     DeleteIntent, KeyWrite, Store, TrafficKind, TrafficOutcome, WriteBack, WriteOutcome,
@@ -34,6 +34,8 @@ enum Step {
 pub struct Executor {
     pub store: Store,
     pub queue: Queue,
+    /// Finishes through here claim the process's next job in the same call.
+    pub handoff: Handoff,
     pub writeback: WriteBack,
     pub clients: ServerClients,
     pub leases: LeaseRegistry,
@@ -124,7 +126,7 @@ impl Executor {
         let give_up = Instant::now() + self.settings.lease;
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.queue.finish(job, finish).await {
+            match self.handoff.finish(job, finish).await {
                 Ok(recorded) => return Some(recorded),
                 Err(error) if Instant::now() + delay < give_up => {
                     tracing::warn!(%error, "Could not record the job outcome in Redis; retrying.");

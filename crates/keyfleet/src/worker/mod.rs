@@ -9,7 +9,7 @@ use apalis_core::worker::builder::WorkerBuilder;
 use futures::future::BoxFuture;
 use keyfleet_core::{JobPayload, ServerId};
 use keyfleet_queue::{
-    BuriedJob, ClaimHooks, LeaseRegistry, ProbeOutcome, Queue, QueueBackend, WakeSignal,
+    BuriedJob, ClaimHooks, Handoff, LeaseRegistry, ProbeOutcome, Queue, QueueBackend, WakeSignal,
     spawn_maintenance_with,
 };
 use keyfleet_store::{KeyWrite, Store, WriteBack, WriteBackConfig};
@@ -122,9 +122,17 @@ pub async fn run(
         initializing: tokio::sync::Mutex::new(()),
         progress: progress.clone(),
     })));
+    let handoff = Handoff::new(
+        queue.clone(),
+        options.worker_id.as_str(),
+        wake,
+        hooks,
+        options.concurrency,
+    );
     let executor = Arc::new(Executor {
         store: store.clone(),
         queue: queue.clone(),
+        handoff: handoff.clone(),
         writeback,
         clients,
         leases: leases.clone(),
@@ -134,22 +142,14 @@ pub async fn run(
     tracing::info!(worker = %options.worker_id, concurrency = options.concurrency, prefix = %settings.redis_prefix, "Worker started.");
     // One apalis worker claims one job at a time (a Redis round trip each), so a process runs
     // several, sharing the concurrency: claims then overlap instead of queueing behind each other.
-    let claimers = options
-        .concurrency
-        .div_ceil(JOBS_PER_CLAIMER)
-        .clamp(1, MAX_CLAIMERS);
+    let claimers = claim_loops(options.concurrency);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = (0..claimers).map(|i| {
         let share =
             options.concurrency / claimers + usize::from(i < options.concurrency % claimers);
         let name = format!("{}/{i}", options.worker_id);
         let worker = WorkerBuilder::new(name.as_str())
-            .backend(QueueBackend::new(
-                queue.clone(),
-                name.as_str(),
-                wake.clone(),
-                hooks.clone(),
-            ))
+            .backend(QueueBackend::new(handoff.clone(), name.as_str()))
             .layer(ConcurrencyLimitLayer::new(share))
             .data(executor.clone())
             .build(execute);

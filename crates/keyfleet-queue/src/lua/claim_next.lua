@@ -1,0 +1,74 @@
+-- The claim, shared by claim.lua and finish.lua (a finish may claim the worker's next job in the
+-- same call). Takes the next job of the server at the head of the ring (round-robin over servers
+-- that have work, a free slot, a closed breaker and no operator's pause). Returns {id, payload,
+-- attempt, max, fence, server, enqueued_at, tries}; {'?', server} when that server's breaker is
+-- due a health probe (the probe holds one of its slots until reported); {'!', 0} when Redis holds
+-- no fence epoch (it lost keyfleet's state, or is new: nothing may be claimed before fences are
+-- raised past Postgres); or {'', ms until the next delayed job or probe is due (-1: none; 0: look
+-- again at once)}.
+local function claim_next(worker, lease_ms, probe_ms)
+  if redis.call('EXISTS', P .. ':epoch') == 0 then
+    return {'!', 0}
+  end
+  local now = now_ms()
+  promote_due(now, 100)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
+  for _, s in ipairs(due) do
+    local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
+    if is_held(s) then
+      -- No probe while an operator holds the server: look again after a cool-down (resuming makes
+      -- it due at once), so held servers do not crowd the due ones out of this window.
+      redis.call('ZADD', P .. ':paused', now + tonumber(redis.call('HGET', P .. ':cooldown', s) or '1000'), s)
+    elseif tonumber(redis.call('HGET', P .. ':inflight', s) or '0') < limit then
+      redis.call('ZREM', P .. ':paused', s)
+      redis.call('ZADD', P .. ':probing', now + probe_ms, s)
+      redis.call('HINCRBY', P .. ':inflight', s, 1)
+      return {'?', s}
+    end
+  end
+  for _ = 1, 16 do
+    local s = redis.call('RPOP', P .. ':ring')
+    if not s then
+      break
+    end
+    redis.call('SREM', P .. ':inring', s)
+    local id = pop_ready(s)
+    while id do
+      local lock = redis.call('HGET', jobkey(id), 'lock')
+      if not lock or acquire(id, lock) then
+        break
+      end
+      id = pop_ready(s)
+    end
+    if id then
+      local job = jobkey(id)
+      redis.call('HINCRBY', P .. ':inflight', s, 1)
+      local fence = redis.call('INCR', P .. ':fence')
+      local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+      -- Lifetime tries survive a replay (which refunds attempts): a replayed create must still
+      -- look for the key its earlier tries may have made.
+      local tries = redis.call('HINCRBY', job, 'tries', 1)
+      redis.call('HSET', job, 'state', 'running', 'fence', fence, 'worker', worker, 'started_at', now)
+      redis.call('ZADD', P .. ':leases', now + lease_ms, id)
+      refresh(s, now)
+      local fields = redis.call('HMGET', job, 'payload', 'max', 'enqueued_at')
+      return {id, fields[1], attempt, fields[2], fence, s, fields[3], tries}
+    end
+    refresh(s, now)
+  end
+  if redis.call('LLEN', P .. ':ring') > 0 then
+    -- Sixteen servers in a row had nothing claimable after all (cancelled ids, key locks).
+    return {'', 0}
+  end
+  local wait = -1
+  for _, set in ipairs({':delayed', ':paused'}) do
+    local first = redis.call('ZRANGE', P .. set, 0, 0, 'WITHSCORES')
+    if first[2] then
+      local ms = math.max(0, tonumber(first[2]) - now)
+      if wait < 0 or ms < wait then
+        wait = ms
+      end
+    end
+  end
+  return {'', wait}
+end
