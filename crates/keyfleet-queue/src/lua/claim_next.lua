@@ -5,12 +5,12 @@
 -- due a health probe (the probe holds one of its slots until reported); {'!', 0} when Redis holds
 -- no fence epoch (it lost keyfleet's state, or is new: nothing may be claimed before fences are
 -- raised past Postgres); or {'', ms until the next delayed job or probe is due (-1: none; 0: look
--- again at once)}.
-local function claim_next(worker, lease_ms, probe_ms)
+-- again at once)}. now: the caller's clock reading, if it has one.
+local function claim_next(worker, lease_ms, probe_ms, now)
   if redis.call('EXISTS', P .. ':epoch') == 0 then
     return {'!', 0}
   end
-  local now = now_ms()
+  now = now or now_ms()
   promote_due(now, 100)
   local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
   for _, s in ipairs(due) do
@@ -32,27 +32,26 @@ local function claim_next(worker, lease_ms, probe_ms)
       break
     end
     redis.call('SREM', P .. ':inring', s)
-    local id = pop_ready(s)
+    local id, job, nready = pop_ready(s)
     while id do
-      local lock = redis.call('HGET', jobkey(id), 'lock')
+      local lock = job[2]
       if not lock or acquire(id, lock) then
         break
       end
-      id = pop_ready(s)
+      id, job, nready = pop_ready(s)
     end
     if id then
-      local job = jobkey(id)
-      redis.call('HINCRBY', P .. ':inflight', s, 1)
+      local inflight = redis.call('HINCRBY', P .. ':inflight', s, 1)
       local fence = redis.call('INCR', P .. ':fence')
-      local attempt = redis.call('HINCRBY', job, 'attempts', 1)
+      local attempt = tonumber(job[3] or '0') + 1
       -- Lifetime tries survive a replay (which refunds attempts): a replayed create must still
       -- look for the key its earlier tries may have made.
-      local tries = redis.call('HINCRBY', job, 'tries', 1)
-      redis.call('HSET', job, 'state', 'running', 'fence', fence, 'worker', worker, 'started_at', now)
+      local tries = tonumber(job[4] or '0') + 1
+      redis.call('HSET', jobkey(id), 'state', 'running', 'fence', fence, 'worker', worker,
+        'started_at', now, 'attempts', attempt, 'tries', tries)
       redis.call('ZADD', P .. ':leases', now + lease_ms, id)
-      refresh(s, now)
-      local fields = redis.call('HMGET', job, 'payload', 'max', 'enqueued_at')
-      return {id, fields[1], attempt, fields[2], fence, s, fields[3], tries}
+      refresh(s, now, nready, inflight)
+      return {id, job[5], attempt, job[6], fence, s, job[7], tries}
     end
     refresh(s, now)
   end

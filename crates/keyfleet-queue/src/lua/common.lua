@@ -38,11 +38,14 @@ local function jobkey(id)
 end
 
 -- Takes one off server s's count in hash P:<name> (nready, ndelayed, ndead, inflight), never
--- below zero.
+-- below zero. Returns the new count.
 local function decrement(name, s)
-  if redis.call('HINCRBY', P .. ':' .. name, s, -1) < 0 then
+  local n = redis.call('HINCRBY', P .. ':' .. name, s, -1)
+  if n < 0 then
     redis.call('HSET', P .. ':' .. name, s, 0)
+    return 0
   end
+  return n
 end
 
 local function is_open(s)
@@ -57,11 +60,13 @@ end
 -- limit, its breaker is closed and no operator paused it. Returns true when s was added to an
 -- empty ring: claimers go idle only on an empty ring, so only then is a wake-up worth publishing.
 -- (A claim takes servers off the ring before it puts them back, but it publishes nothing.)
-local function refresh(s, now)
-  local eligible = tonumber(redis.call('HGET', P .. ':nready', s) or '0') > 0
+-- nready and inflight: s's counts if the caller has just read them (nil: read them here).
+local function refresh(s, now, nready, inflight)
+  nready = nready or tonumber(redis.call('HGET', P .. ':nready', s) or '0')
+  local eligible = nready > 0
   if eligible then
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
-    local inflight = tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
+    inflight = inflight or tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
     eligible = inflight < limit and not is_open(s) and not is_held(s)
   end
   local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
@@ -79,8 +84,8 @@ local function wake(s)
   redis.call('PUBLISH', P .. ':wake', s)
 end
 
-local function refresh_and_wake(s, now)
-  if refresh(s, now) then
+local function refresh_and_wake(s, now, nready, inflight)
+  if refresh(s, now, nready, inflight) then
     wake(s)
   end
 end
@@ -104,24 +109,29 @@ local function make_ready(id, s, front, now)
   refresh_and_wake(s, now)
 end
 
+-- What a claim reads of a job hash, in one HMGET (see pop_live).
+local CLAIM_FIELDS = {'state', 'lock', 'attempts', 'tries', 'payload', 'max', 'enqueued_at'}
+
 -- The next job of a ready list that is still ready, taken off it; ids of cancelled jobs are
 -- dropped on the way (they were uncounted when cancelled), so a cancelled backlog costs O(1) each.
--- Returns the id, or nil with whether the list is now known to be empty.
+-- Returns the id and its CLAIM_FIELDS, or nil with whether the list is now known to be empty.
 local function pop_live(list)
   for _ = 1, 1000 do
     local id = redis.call('RPOP', list)
     if not id then
       return nil, true
     end
-    if redis.call('HGET', jobkey(id), 'state') == 'ready' then
-      return id, false
+    local fields = redis.call('HMGET', jobkey(id), unpack(CLAIM_FIELDS))
+    if fields[1] == 'ready' then
+      return id, fields
     end
   end
   return nil, false
 end
 
 -- The next ready job of server s: the urgent lane first, except that after URGENT_STREAK urgent
--- claims in a row a waiting normal job goes (no lane starves the other).
+-- claims in a row a waiting normal job goes (no lane starves the other). Returns the id, its
+-- CLAIM_FIELDS and s's ready count after it; nil when s has no ready job.
 local function pop_ready(s)
   local urgent, normal = P .. ':urgent:' .. s, P .. ':ready:' .. s
   local streak = tonumber(redis.call('HGET', P .. ':streak', s) or '0')
@@ -131,17 +141,16 @@ local function pop_ready(s)
   end
   local drained = true
   for _, list in ipairs(order) do
-    local id, empty = pop_live(list)
+    local id, fields = pop_live(list)
     if id then
       if list == urgent and redis.call('LLEN', normal) > 0 then
         redis.call('HINCRBY', P .. ':streak', s, 1)
-      else
+      elseif streak > 0 then
         redis.call('HDEL', P .. ':streak', s)
       end
-      decrement('nready', s)
-      return id
+      return id, fields, decrement('nready', s)
     end
-    drained = drained and empty
+    drained = drained and fields
   end
   if drained then
     redis.call('HDEL', P .. ':nready', s)
@@ -150,13 +159,16 @@ local function pop_ready(s)
 end
 
 local function release_slot(s)
-  decrement('inflight', s)
+  return decrement('inflight', s)
 end
 
 -- Takes job id's per-key lock. False when another running job holds it: the job is parked in the
 -- lock's queue and made ready again when the holder finishes.
 local function acquire(id, lock)
   local key = P .. ':lock:' .. lock
+  if redis.call('SETNX', key, id) == 1 then
+    return true
+  end
   local holder = redis.call('GET', key)
   if holder and holder ~= id and redis.call('HGET', jobkey(holder), 'state') == 'running' then
     redis.call('HSET', jobkey(id), 'state', 'waiting')
@@ -167,9 +179,12 @@ local function acquire(id, lock)
   return true
 end
 
--- Frees the lock job id holds, if any, and readies the first job still waiting for it.
-local function release_lock(id, now)
-  local lock = redis.call('HGET', jobkey(id), 'lock')
+-- Frees the lock job id holds, if any, and readies the first job still waiting for it. lock: the
+-- job's lock field if the caller has read it (false: none), nil to read it here.
+local function release_lock(id, now, lock)
+  if lock == nil then
+    lock = redis.call('HGET', jobkey(id), 'lock')
+  end
   if not lock then
     return
   end
@@ -191,8 +206,11 @@ local function release_lock(id, now)
   end
 end
 
-local function forget_idempotency(id)
-  local idem = redis.call('HGET', jobkey(id), 'idem')
+-- idem: the job's idem field if the caller has read it (false: none), nil to read it here.
+local function forget_idempotency(id, idem)
+  if idem == nil then
+    idem = redis.call('HGET', jobkey(id), 'idem')
+  end
   if idem and redis.call('GET', P .. ':idem:' .. idem) == id then
     redis.call('DEL', P .. ':idem:' .. idem)
   end

@@ -10,14 +10,15 @@
 -- with a fresh fence, attempt refunded but the try kept (it may have acted on the server).
 local id = ARGV[2]
 local job = jobkey(id)
-if redis.call('HGET', job, 'state') ~= 'running' or redis.call('HGET', job, 'fence') ~= ARGV[3] then
+local fields = redis.call('HMGET', job, 'state', 'fence', 'server', 'lock', 'idem')
+if fields[1] ~= 'running' or fields[2] ~= ARGV[3] then
   return {0, 0}
 end
 local now = now_ms()
-local s = redis.call('HGET', job, 'server')
+local s = fields[3]
 redis.call('ZREM', P .. ':leases', id)
-release_slot(s)
-release_lock(id, now)
+local inflight = release_slot(s)
+release_lock(id, now, fields[4])
 local outcome = ARGV[4]
 local result = 1
 local event = 0
@@ -27,7 +28,7 @@ elseif ARGV[7] == '1' then
   event = breaker_record(s, false, tonumber(ARGV[8]), tonumber(ARGV[9]), now)
 end
 if outcome == 'done' then
-  forget_idempotency(id)
+  forget_idempotency(id, fields[5])
   redis.call('DEL', job)
   redis.call('HINCRBY', P .. ':counters', 'done', 1)
 elseif outcome == 'retry' then
@@ -53,8 +54,8 @@ elseif outcome == 'release' or outcome == 'requeue' then
 else
   return redis.error_reply('unknown outcome ' .. outcome)
 end
-refresh_and_wake(s, now)
+refresh_and_wake(s, now, nil, inflight)
 if ARGV[10] then
-  return {result, event, unpack(claim_next(ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])))}
+  return {result, event, unpack(claim_next(ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12]), now))}
 end
 return {result, event}
