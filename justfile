@@ -37,8 +37,10 @@ up:
 # Run the benchmarks (figures in BENCHMARKS.md): the queue against stock apalis-redis and BullMQ
 # (needs redis-server, node and npm: it starts Redis servers of its own and installs BullMQ from npm
 # into target/tmp), sweeps and write-back against the naive way, then purchase latency through the
-# API against the requests it cannot avoid (needs Postgres and Redis on localhost).
+# API against the requests it cannot avoid, and one worker draining a 100,000-job backlog end to
+# end against the same requests made directly (needs Postgres and Redis on localhost).
 bench:
     cargo bench -p keyfleet --bench queue
     cargo bench -p keyfleet --bench sweeps
     cargo bench -p keyfleet --bench purchase
+    cargo bench -p keyfleet --bench backlog

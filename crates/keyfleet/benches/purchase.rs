@@ -28,11 +28,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use keyfleet_core::SubscriptionId;
 use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
-use keyfleet_store::Store;
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 use serde_json::{Value, json};
 
-use crate::common::BenchDatabase;
+use crate::common::Deployment;
 
 const V2RAY: usize = 10;
 const OUTLINE: usize = 1;
@@ -205,35 +204,17 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// A database of its own, `keyfleet api` and one `keyfleet worker`.
+/// A deployment of its own, `keyfleet api` and one `keyfleet worker`.
 struct Stack {
-    db: BenchDatabase,
-    store: Store,
-    env: Vec<(String, String)>,
+    deployment: Deployment,
     api: String,
     processes: Vec<Child>,
 }
 
 impl Stack {
     async fn start() -> anyhow::Result<Self> {
-        let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let db = BenchDatabase::create().await?;
-        let store = Store::connect(&db.url, 2).await?;
-        store.migrate().await?;
-        let env = vec![
-            ("DATABASE_URL".to_owned(), db.url.clone()),
-            ("REDIS_URL".to_owned(), redis),
-            (
-                "KEYFLEET_REDIS_PREFIX".to_owned(),
-                format!("kfbench:{}", db.name),
-            ),
-            ("RUST_LOG".to_owned(), "warn".to_owned()),
-            ("KEYFLEET_SERVER_REFRESH_MS".to_owned(), "200".to_owned()),
-        ];
         let mut stack = Self {
-            db,
-            store,
-            env,
+            deployment: Deployment::create().await?,
             api: String::new(),
             processes: Vec::new(),
         };
@@ -246,9 +227,7 @@ impl Stack {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keyfleet"));
-        command.args(args).envs(self.env.iter().cloned());
-        command
+        self.deployment.command(args)
     }
 
     fn spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
@@ -321,6 +300,7 @@ impl Stack {
 
     async fn active_keys(&self, sub: &str) -> anyhow::Result<usize> {
         let keys = self
+            .deployment
             .store
             .subscription_keys(&SubscriptionId::parse(sub)?)
             .await?;
@@ -357,7 +337,7 @@ impl Stack {
         for process in &mut self.processes {
             let _ = process.wait();
         }
-        self.db.drop().await
+        self.deployment.drop().await
     }
 }
 

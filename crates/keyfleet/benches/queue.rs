@@ -59,6 +59,8 @@
 //! Enqueueing and Node's start are not timed. "Redis CPU" is the Redis server's CPU time over the
 //! same window divided by the jobs.
 
+mod common;
+
 use std::{
     future::Future,
     path::{Path, PathBuf},
@@ -76,6 +78,8 @@ use apalis_core::{
 };
 use apalis_redis::{Config as ApalisConfig, RedisStorage};
 use keyfleet::worker::claim_loops;
+
+use crate::common::{load_average, process_cpu};
 use keyfleet_core::{JobPayload, ServerId, SubscriptionId};
 use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
 use keyfleet_queue::{
@@ -369,32 +373,6 @@ async fn bench() -> anyhow::Result<()> {
     println!("- apalis-redis with {APALIS_BACKLOG_PROBE} due jobs: {probe}");
     println!("- load average at the end: {}", load_average());
     Ok(())
-}
-
-/// This process's CPU time so far, user + system over all its threads (`/proc/self/stat`, in
-/// USER_HZ = 100 ticks per second: 10 ms resolution, 1 % of a one-second run).
-fn process_cpu() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name (which is in parentheses): state is field 3, utime 14,
-            // stime 15.
-            let rest = stat.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            Some(user + system)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-/// `/proc/loadavg` (1, 5, 15 minutes): how busy the shared machine was.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".to_owned(),
-        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
 }
 
 /// The jobs: create-key jobs spread round-robin over servers 1..=11, unique per index.
@@ -889,7 +867,7 @@ async fn run_keyfleet(
             http,
             progress: progress.clone(),
         };
-        let process_before = process_cpu();
+        let process_before = process_cpu("self").unwrap_or_default();
         let started = Instant::now();
         let workers = shape.claim_loops;
         let running = (0..workers).map(|w| {
@@ -906,7 +884,9 @@ async fn run_keyfleet(
         let outcome =
             tokio::time::timeout(RUN_TIMEOUT, futures::future::try_join_all(running)).await;
         let stopped = Instant::now();
-        let client_cpu = process_cpu().saturating_sub(process_before);
+        let client_cpu = process_cpu("self")
+            .unwrap_or_default()
+            .saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
         let script_calls = cpu.script_calls().await?.saturating_sub(calls_before);
         maintenance.abort();
@@ -979,12 +959,14 @@ async fn run_apalis(
         let mut cpu = RedisCpu::connect(redis_url).await?;
         let calls_before = cpu.script_calls().await?;
         let cpu_before = cpu.now().await?;
-        let process_before = process_cpu();
+        let process_before = process_cpu("self").unwrap_or_default();
         let started = Instant::now();
         let outcome =
             tokio::time::timeout(RUN_TIMEOUT, worker.run_until(progress.until_done())).await;
         let stopped = Instant::now();
-        let client_cpu = process_cpu().saturating_sub(process_before);
+        let client_cpu = process_cpu("self")
+            .unwrap_or_default()
+            .saturating_sub(process_before);
         let redis_cpu = cpu.now().await? - cpu_before;
         let script_calls = cpu.script_calls().await?.saturating_sub(calls_before);
         match outcome {
