@@ -64,16 +64,28 @@ impl LeaseRegistry {
     }
 
     /// A heartbeat sent at `sent_at` extended every lease in `extended` except those `lost`.
-    fn confirm(&self, extended: &[LeaseKey], lost: &[LeaseKey], sent_at: Instant, lease: Duration) {
+    /// Applies a heartbeat's answer to the attempts still held; returns the lost ones among them.
+    /// An attempt that ended while the heartbeat was on its way (its job hash is gone because it
+    /// finished) is no longer held: it is not lost.
+    fn confirm(
+        &self,
+        extended: &[LeaseKey],
+        lost: &[LeaseKey],
+        sent_at: Instant,
+        lease: Duration,
+    ) -> Vec<LeaseKey> {
         let held = self.held.lock();
+        let mut still_held_lost = Vec::new();
         for key in extended {
             let Some(tx) = held.get(key) else { continue };
             if lost.contains(key) {
                 tx.send_modify(|v| v.lost = true);
+                still_held_lost.push(*key);
             } else {
                 tx.send_modify(|v| v.confirmed_until = sent_at + usable(lease));
             }
         }
+        still_held_lost
     }
 }
 
@@ -142,7 +154,7 @@ pub fn spawn_maintenance_with(
             let sent_at = Instant::now();
             match queue.heartbeat(&held).await {
                 Ok(lost) => {
-                    registry.confirm(&held, &lost, sent_at, lease);
+                    let lost = registry.confirm(&held, &lost, sent_at, lease);
                     if !lost.is_empty() {
                         tracing::warn!(jobs = ?lost, "Lost leases; those attempts stop and will be fenced out.");
                     }

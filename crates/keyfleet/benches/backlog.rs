@@ -32,7 +32,7 @@ use keyfleet_queue::{Queue, QueueConfig};
 use keyfleet_store::NewServer;
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 
-use crate::common::{Deployment, load_average, process_cpu, rss_kib};
+use crate::common::{Deployment, listening_on, load_average, process_cpu, rss_kib};
 
 const V2RAY: usize = 10;
 const OUTLINE: usize = 1;
@@ -95,6 +95,17 @@ async fn bench(jobs: usize) -> anyhow::Result<()> {
         drained.rss_late_kib,
         (drained.rss_late_kib as f64 / drained.rss_early_kib as f64 - 1.0) * 100.0
     );
+    let wb = &drained.writeback;
+    println!(
+        "Write-back: {:.0} commits for {:.0} results ({:.1} per 1,000; {:.1} rows each), {:.2} ms \
+         per commit on average, {:.0} % of the drain spent committing.",
+        wb.commits,
+        wb.rows,
+        wb.commits * 1000.0 / wb.rows,
+        wb.rows / wb.commits,
+        wb.commit_seconds * 1e3 / wb.commits,
+        wb.commit_seconds * 100.0 / drained.elapsed.as_secs_f64()
+    );
     println!("Load average at the end: {}.", load_average());
     Ok(())
 }
@@ -146,6 +157,7 @@ struct Drained {
     cpu: Duration,
     rss_early_kib: u64,
     rss_late_kib: u64,
+    writeback: WriteBackFigures,
 }
 
 impl Drained {
@@ -187,12 +199,19 @@ async fn drain(deployment: &Deployment, fleet: &FakeFleet, jobs: usize) -> anyho
     let before = fleet.total_meter();
 
     let worker = deployment
-        .command(&["worker", "--concurrency", &CONCURRENCY.to_string()])
-        .stdout(Stdio::null())
+        .command(&[
+            "worker",
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("start keyfleet worker")?;
     let mut worker = KillOnDrop(worker);
+    let metrics = listening_on(&mut worker.0, "metrics listening on ")?;
     let pid = worker.0.id();
     let started = Instant::now();
     let mut samples: Vec<(u64, u64)> = Vec::new(); // (jobs done, RSS KiB)
@@ -219,6 +238,7 @@ async fn drain(deployment: &Deployment, fleet: &FakeFleet, jobs: usize) -> anyho
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let writeback = WriteBackFigures::scrape(&metrics).await?;
     worker.stop()?;
 
     let stats = queue.stats().await?;
@@ -255,7 +275,38 @@ async fn drain(deployment: &Deployment, fleet: &FakeFleet, jobs: usize) -> anyho
         cpu: cpu.saturating_sub(cpu_at_start),
         rss_early_kib,
         rss_late_kib,
+        writeback,
     })
+}
+
+/// The worker's write-back over the drain, from its `/metrics`.
+struct WriteBackFigures {
+    commits: f64,
+    rows: f64,
+    commit_seconds: f64,
+}
+
+impl WriteBackFigures {
+    async fn scrape(metrics: &str) -> anyhow::Result<Self> {
+        let text = reqwest::get(format!("{metrics}/metrics"))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let value = |name: &str| -> anyhow::Result<f64> {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .with_context(|| format!("no {name} in the worker's /metrics"))?
+                .trim()
+                .parse()
+                .with_context(|| format!("{name} in the worker's /metrics"))
+        };
+        Ok(Self {
+            commits: value("keyfleet_writeback_batch_rows_count")?,
+            rows: value("keyfleet_writeback_batch_rows_sum")?,
+            commit_seconds: value("keyfleet_writeback_commit_seconds_sum")?,
+        })
+    }
 }
 
 /// What a producer leaves for a backlog of `jobs` creates: subscriptions, a `pending` key row per
@@ -286,6 +337,8 @@ async fn seed_pending_keys(
             jobs - 1
         ))
         .await?;
+    // As autovacuum would have by the time a producer had written this many rows one by one.
+    store.execute_admin("ANALYZE subscriptions, keys").await?;
     (0..jobs)
         .map(|g| {
             Ok(JobPayload::create(

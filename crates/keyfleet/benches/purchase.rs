@@ -20,7 +20,6 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -31,7 +30,7 @@ use keyfleet_fakevpn::{FakeFleet, FakeServerConfig, Latency};
 use keyfleet_vpn::{ClientConfig, ServerEndpoint, VpnClient};
 use serde_json::{Value, json};
 
-use crate::common::Deployment;
+use crate::common::{Deployment, listening_on};
 
 const V2RAY: usize = 10;
 const OUTLINE: usize = 1;
@@ -339,19 +338,4 @@ impl Stack {
         }
         self.deployment.drop().await
     }
-}
-
-/// The rest of the stdout line that starts with `prefix`.
-fn listening_on(child: &mut Child, prefix: &str) -> anyhow::Result<String> {
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    for line in lines.by_ref() {
-        if let Some(rest) = line?.strip_prefix(prefix) {
-            let url = rest.trim().to_owned();
-            // Keep reading stdout so the process never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return Ok(url);
-        }
-    }
-    bail!("the process exited before printing {prefix:?}")
 }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, ensure};
+use std::io::BufRead as _;
+
+use anyhow::{Context as _, bail, ensure};
 use keyfleet_store::Store;
 
 /// A database `kf_bench_<uuid>` on the Postgres of `DATABASE_URL` (default
@@ -133,4 +135,19 @@ pub fn load_average() -> String {
         |_| "unknown".to_owned(),
         |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     )
+}
+
+/// The rest of the stdout line that starts with `prefix`.
+pub fn listening_on(child: &mut std::process::Child, prefix: &str) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        if let Some(rest) = line?.strip_prefix(prefix) {
+            let url = rest.trim().to_owned();
+            // Keep reading stdout so the process never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok(url);
+        }
+    }
+    bail!("the process exited before printing {prefix:?}")
 }
