@@ -1,10 +1,21 @@
 //! The batched write-back: job results reach Postgres in multi-row statements, flushed when a batch
-//! is full, when every job that could still add to it already has, or when a short window passed.
-//! The caller waits for the commit before acknowledging its job.
+//! is full, when every job that could still add to it already has (results in a batch being
+//! committed count as in), or when a short window passed. Up to two batches commit at once. The
+//! caller waits for the commit before acknowledging its job.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::{
+    sync::{Notify, Semaphore, mpsc, oneshot},
+    task::JoinSet,
+};
 
 use crate::{Error, KeyWrite, Result, Store, WriteOutcome};
 
@@ -85,6 +96,11 @@ impl WriteBack {
 /// is waiting on the write-back, waiting longer only adds latency.
 pub type Contributors = Arc<dyn Fn() -> usize + Send + Sync>;
 
+/// Batches being committed at once, at most: a batch that is ready does not wait for the commit
+/// before it (a purchase's last keys are not held back by its first key's commit), while a slow
+/// database still gets no more than this many write-back transactions.
+const FLUSHES_IN_FLIGHT: usize = 2;
+
 async fn run(
     store: Store,
     config: WriteBackConfig,
@@ -92,6 +108,10 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     recount: Arc<Notify>,
 ) {
+    // Results in batches being committed: their jobs still count as held, but they are in.
+    let flushing = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Semaphore::new(FLUSHES_IN_FLIGHT));
+    let mut flushes = JoinSet::new();
     let mut batch: Vec<Pending> = Vec::with_capacity(config.max_batch);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -99,7 +119,7 @@ async fn run(
         while batch.len() < config.max_batch {
             if contributors
                 .as_ref()
-                .is_some_and(|held| batch.len() >= held())
+                .is_some_and(|held| batch.len() + flushing.load(Ordering::SeqCst) >= held())
             {
                 break;
             }
@@ -112,11 +132,30 @@ async fn run(
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        flush(&store, &config, &mut batch).await;
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let rows = std::mem::replace(&mut batch, Vec::with_capacity(config.max_batch));
+        flushing.fetch_add(rows.len(), Ordering::SeqCst);
+        let (store, config, flushing) = (store.clone(), config.clone(), flushing.clone());
+        flushes.spawn(async move {
+            flush(&store, &config, rows, &flushing).await;
+            drop(permit);
+        });
+        while flushes.try_join_next().is_some() {}
     }
+    while flushes.join_next().await.is_some() {}
 }
 
-async fn flush(store: &Store, config: &WriteBackConfig, batch: &mut Vec<Pending>) {
+/// Writes a batch; `flushing` loses its rows once they are committed, before their writers hear.
+async fn flush(
+    store: &Store,
+    config: &WriteBackConfig,
+    batch: Vec<Pending>,
+    flushing: &AtomicUsize,
+) {
     // Two results for one key in a batch: only the newest attempt's can win, the older is fenced out.
     let mut newest: HashMap<(String, i64), usize> = HashMap::new();
     for (i, (write, _)) in batch.iter().enumerate() {
@@ -147,7 +186,8 @@ async fn flush(store: &Store, config: &WriteBackConfig, batch: &mut Vec<Pending>
     {
         outcome[i] = Some(result);
     }
-    for ((_, done), result) in batch.drain(..).zip(outcome) {
+    flushing.fetch_sub(batch.len(), Ordering::SeqCst);
+    for ((_, done), result) in batch.into_iter().zip(outcome) {
         let _ = done.send(result.expect("one outcome per pending write"));
     }
 }

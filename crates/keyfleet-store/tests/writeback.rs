@@ -890,3 +890,80 @@ async fn a_recount_flushes_a_batch_whose_other_contributors_are_gone() {
     task.await.unwrap();
     db.cleanup().await;
 }
+
+/// A batch that holds every result still to come does not wait for the commit of the batch
+/// before it: the results in a batch being committed count as in, and two batches commit at
+/// once. The first commit is held by a row lock another transaction takes (a barrier, not a
+/// sleep); the second batch commits while it waits.
+#[tokio::test]
+async fn a_ready_batch_commits_while_the_batch_before_it_is_still_committing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let db = Db::new().await;
+    let server = db.add_server("v1").await;
+    let subs = db.pending_keys(server, 2).await;
+    let held = Arc::new(AtomicUsize::new(1));
+    let counted = held.clone();
+    let (writeback, task) = WriteBack::spawn_with(
+        db.store.clone(),
+        WriteBackConfig {
+            max_batch: 500,
+            max_delay: Duration::from_secs(600),
+            retry_delay: Duration::from_millis(20),
+        },
+        Some(Arc::new(move || counted.load(Ordering::SeqCst))),
+    );
+    let mut blocker = db.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM keys WHERE subscription_id = $1 FOR UPDATE")
+        .bind(subs[0].as_str())
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    // One job held, its result in: flushed at once, and stuck behind the row lock.
+    let first = tokio::spawn({
+        let writeback = writeback.clone();
+        let write = created(&subs[0], server, 1, "id-0");
+        async move { writeback.write(write).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first batch never reached the lock"
+        );
+        tokio::task::yield_now().await;
+    }
+    // A second job, whose result is all that is still to come besides the one being committed.
+    held.store(2, Ordering::SeqCst);
+    let second = tokio::time::timeout(
+        Duration::from_secs(30),
+        writeback.write(created(&subs[1], server, 2, "id-1")),
+    )
+    .await
+    .expect("the second batch committed while the first waited for its lock")
+    .unwrap();
+    assert_eq!(second, WriteOutcome::Applied);
+    assert!(
+        !first.is_finished(),
+        "the first batch is still held by the lock"
+    );
+    assert_eq!(db.key(&subs[1], server).await.state, "active");
+
+    blocker.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), WriteOutcome::Applied);
+    assert_eq!(db.key(&subs[0], server).await.state, "active");
+    drop(writeback);
+    task.await.unwrap();
+    db.cleanup().await;
+}
