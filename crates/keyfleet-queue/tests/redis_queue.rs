@@ -1223,3 +1223,103 @@ async fn a_wake_up_is_published_only_when_the_ring_stops_being_empty() {
     drop(messages);
     cleanup(q).await;
 }
+
+/// The ring holds exactly the servers that can be claimed from now (ready work, a free slot, a
+/// closed breaker, no operator's pause), once each, whatever happens: a seeded random walk over
+/// every script that moves a job or a server, checked against the queue read the slow way after
+/// each step. The scripts keep the ring by what each step can change (a finish that leaves its
+/// server in the ring does not look again unless it opened the breaker); this is what says those
+/// shortcuts are sound.
+#[tokio::test]
+async fn the_ring_holds_exactly_the_claimable_servers_through_a_random_walk() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    let mut config = config();
+    config.breaker_threshold = 2;
+    config.breaker_cooldown = Duration::from_millis(1);
+    let q = connect(config).await;
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut held: Vec<ClaimedJob> = vec![];
+    let mut conn = raw().await;
+    let take_probe = |claim: Claim, held: &mut Vec<ClaimedJob>| -> Option<ServerId> {
+        match claim {
+            Claim::Job(job) => {
+                held.push(job);
+                None
+            }
+            Claim::Probe(server) => Some(server),
+            Claim::Empty { .. } => None,
+            Claim::Uninitialized => panic!("initialised at the start"),
+        }
+    };
+    for step in 0..1000 {
+        let server = rng.random_range(1..=4);
+        let mut probe = None;
+        let what = rng.random_range(0..100);
+        if what < 30 {
+            let sub = format!("s{}", rng.random_range(0..60));
+            let lane = if rng.random_bool(0.3) {
+                Lane::Urgent
+            } else {
+                Lane::Normal
+            };
+            q.enqueue_in(lane, &create(server, &sub)).await.unwrap();
+        } else if what < 50 || held.is_empty() {
+            probe = take_probe(q.claim("walk").await.unwrap(), &mut held);
+        } else if what < 85 {
+            let job = held.swap_remove(rng.random_range(0..held.len()));
+            let how = match rng.random_range(0..10) {
+                0..=4 => Finish::Done,
+                5..=7 => Finish::Retry {
+                    delay: Duration::ZERO,
+                    error: "503".into(),
+                    server_fault: rng.random_bool(0.7),
+                },
+                8 => Finish::Dead {
+                    error: "no".into(),
+                    server_fault: false,
+                },
+                _ => Finish::Release,
+            };
+            if rng.random_bool(0.5) {
+                let (_, _, next) = q.finish_and_claim(&job, &how, "walk").await.unwrap();
+                probe = next.and_then(|claim| take_probe(claim, &mut held));
+            } else {
+                q.finish(&job, &how).await.unwrap();
+            }
+        } else if what < 92 {
+            if rng.random_bool(0.5) {
+                q.pause_server(ServerId(server)).await.unwrap();
+            } else {
+                q.resume_server(ServerId(server)).await.unwrap();
+            }
+        } else {
+            q.set_limits(&[(ServerId(server), rng.random_range(1..=3))])
+                .await
+                .unwrap();
+        }
+        if let Some(server) = probe {
+            q.probe_result(server, rng.random_bool(0.6)).await.unwrap();
+        }
+
+        let stats = assert_server_stats(&q, &format!("step {step}")).await;
+        let mut want: Vec<i64> = stats
+            .iter()
+            .filter(|s| {
+                s.ready > 0
+                    && s.running < u64::from(s.limit.unwrap_or(1))
+                    && s.breaker == Breaker::Closed
+                    && !s.paused
+            })
+            .map(|s| s.server.0)
+            .collect();
+        want.sort();
+        let mut ring: Vec<i64> = cmd(&mut conn, &["LRANGE", &key(&q, "ring"), "0", "-1"]).await;
+        let mut members: Vec<i64> = cmd(&mut conn, &["SMEMBERS", &key(&q, "inring")]).await;
+        ring.sort();
+        members.sort();
+        assert_eq!(ring, want, "the ring after step {step}: {stats:?}");
+        assert_eq!(members, want, "the ring's member set after step {step}");
+    }
+    cleanup(q).await;
+}

@@ -50,10 +50,10 @@ local function claim_next(worker, lease_ms, probe_ms, now)
       redis.call('HSET', jobkey(id), 'state', 'running', 'fence', fence, 'worker', worker,
         'started_at', now, 'attempts', attempt, 'tries', tries)
       redis.call('ZADD', P .. ':leases', now + lease_ms, id)
-      refresh(s, now, nready, inflight)
+      refresh(s, now, nready, inflight, false)
       return {id, job[5], attempt, job[6], fence, s, job[7], tries}
     end
-    refresh(s, now)
+    refresh(s, now, nil, nil, false)
   end
   if redis.call('LLEN', P .. ':ring') > 0 then
     -- Sixteen servers in a row had nothing claimable after all (cancelled ids, key locks).

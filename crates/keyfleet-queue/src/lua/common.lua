@@ -60,8 +60,9 @@ end
 -- limit, its breaker is closed and no operator paused it. Returns true when s was added to an
 -- empty ring: claimers go idle only on an empty ring, so only then is a wake-up worth publishing.
 -- (A claim takes servers off the ring before it puts them back, but it publishes nothing.)
--- nready and inflight: s's counts if the caller has just read them (nil: read them here).
-local function refresh(s, now, nready, inflight)
+-- nready and inflight: s's counts if the caller has just read them (nil: read them here);
+-- member: whether s is in the ring, if the caller knows.
+local function refresh(s, now, nready, inflight, member)
   nready = nready or tonumber(redis.call('HGET', P .. ':nready', s) or '0')
   local eligible = nready > 0
   if eligible then
@@ -69,7 +70,9 @@ local function refresh(s, now, nready, inflight)
     inflight = inflight or tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
     eligible = inflight < limit and not is_open(s) and not is_held(s)
   end
-  local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
+  if member == nil then
+    member = redis.call('SISMEMBER', P .. ':inring', s) == 1
+  end
   if eligible and not member then
     redis.call('SADD', P .. ':inring', s)
     return redis.call('LPUSH', P .. ':ring', s) == 1
@@ -180,8 +183,10 @@ local function acquire(id, lock)
 end
 
 -- Frees the lock job id holds, if any, and readies the first job still waiting for it. lock: the
--- job's lock field if the caller has read it (false: none), nil to read it here.
-local function release_lock(id, now, lock)
+-- job's lock field if the caller has read it (false: none), nil to read it here. owned: the caller
+-- checked that id runs under its current fence, so the lock is id's (a running job's lock is
+-- never taken from it: acquire parks the others) and needs no look.
+local function release_lock(id, now, lock, owned)
   if lock == nil then
     lock = redis.call('HGET', jobkey(id), 'lock')
   end
@@ -189,7 +194,7 @@ local function release_lock(id, now, lock)
     return
   end
   local key = P .. ':lock:' .. lock
-  if redis.call('GET', key) == id then
+  if owned or redis.call('GET', key) == id then
     redis.call('DEL', key)
   end
   local waiting = P .. ':waiting:' .. lock
@@ -254,7 +259,11 @@ end
 -- the ring (its jobs wait, spending no attempts) until a health probe succeeds.
 local function breaker_record(s, success, threshold, cooldown_ms, now)
   if success then
-    redis.call('HDEL', P .. ':failures', s)
+    -- An open breaker always has its failures counted (only a success or a good probe clears
+    -- both), so with none there is nothing to close.
+    if redis.call('HDEL', P .. ':failures', s) == 0 then
+      return 0
+    end
     if redis.call('ZREM', P .. ':paused', s) == 1 then
       redis.call('HDEL', P .. ':cooldown', s)
       return 2

@@ -18,7 +18,7 @@ local now = now_ms()
 local s = fields[3]
 redis.call('ZREM', P .. ':leases', id)
 local inflight = release_slot(s)
-release_lock(id, now, fields[4])
+release_lock(id, now, fields[4], true)
 local outcome = ARGV[4]
 local result = 1
 local event = 0
@@ -54,7 +54,12 @@ elseif outcome == 'release' or outcome == 'requeue' then
 else
   return redis.error_reply('unknown outcome ' .. outcome)
 end
-refresh_and_wake(s, now, nil, inflight)
+-- A freed slot can only make s claimable, unless this finish opened its breaker: if s is in the
+-- ring, it stays.
+local member = redis.call('SISMEMBER', P .. ':inring', s) == 1
+if event == 1 or not member then
+  refresh_and_wake(s, now, nil, inflight, member)
+end
 if ARGV[10] then
   return {result, event, unpack(claim_next(ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12]), now))}
 end
