@@ -4,9 +4,11 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use tokio::sync::oneshot;
 
 use crate::{
-    BreakerEvent, Claim, ClaimHooks, ClaimedJob, Finish, FinishResult, Queue, Result, WakeSignal,
+    BreakerEvent, Claim, ClaimHooks, ClaimedJob, Error, Finish, FinishResult, Queue, Result,
+    WakeSignal,
 };
 
 /// Claims made by a process's finishes, for its claim loops. A finish frees a slot that one of the
@@ -32,7 +34,25 @@ struct Inner {
     /// claim loops are keeping up.
     capacity: usize,
     state: Mutex<State>,
+    finishing: Mutex<Finishing>,
 }
+
+/// Finishes on their way to Redis.
+#[derive(Default)]
+struct Finishing {
+    waiting: Vec<Ending>,
+    /// A task is sending them ([`Handoff::drive`]).
+    driving: bool,
+}
+
+struct Ending {
+    job: ClaimedJob,
+    finish: Finish,
+    reply: oneshot::Sender<Result<(FinishResult, BreakerEvent)>>,
+}
+
+/// Attempts ended in one script call, at most.
+const MAX_FINISHES: usize = 64;
 
 struct State {
     claims: VecDeque<Claim>,
@@ -59,36 +79,90 @@ impl Handoff {
                     claims: VecDeque::new(),
                     open: true,
                 }),
+                finishing: Mutex::default(),
             }),
         }
     }
 
     /// Ends an attempt ([`Queue::finish`]) and, while the process is claiming, claims the next job
-    /// for its claim loops in the same call.
+    /// for its claim loops in the same call. Finishes that arrive while another call is on its way
+    /// go together in the next one ([`Queue::finish_many`]): an idle process waits for nothing,
+    /// and a busy one makes a fraction of a script call per job.
     pub async fn finish(
         &self,
         job: &ClaimedJob,
         finish: &Finish,
     ) -> Result<(FinishResult, BreakerEvent)> {
-        let inner = &self.inner;
-        if !self.wants_claim() || *finish == Finish::Release {
-            return inner.queue.finish(job, finish).await;
+        let (reply, answer) = oneshot::channel();
+        let drive = {
+            let mut finishing = self.inner.finishing.lock().unwrap();
+            finishing.waiting.push(Ending {
+                job: job.clone(),
+                finish: finish.clone(),
+                reply,
+            });
+            !std::mem::replace(&mut finishing.driving, true)
+        };
+        if drive {
+            tokio::spawn(self.clone().drive());
         }
-        let (result, event, next) = inner
-            .queue
-            .finish_and_claim(job, finish, &inner.worker_id)
-            .await?;
-        if let Some(late) = next.and_then(|claim| self.offer(claim)) {
-            // The process stopped claiming while this call was on its way: the finisher is still
-            // in flight (a stopping worker waits for it), so give the claim back now.
-            self.give_back(vec![late]).await;
-        }
-        Ok((result, event))
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Error::Reply("the finisher stopped".into())))
     }
 
-    fn wants_claim(&self) -> bool {
+    /// Sends the finishes waiting, in calls of at most [`MAX_FINISHES`], until none is left.
+    async fn drive(self) {
+        loop {
+            let endings: Vec<Ending> = {
+                let mut finishing = self.inner.finishing.lock().unwrap();
+                if finishing.waiting.is_empty() {
+                    finishing.driving = false;
+                    return;
+                }
+                let take = finishing.waiting.len().min(MAX_FINISHES);
+                finishing.waiting.drain(..take).collect()
+            };
+            // Claims for the slots these finishes free, as many as the claim loops can take.
+            let mut room = self.room();
+            let asked: Vec<(&ClaimedJob, &Finish, bool)> = endings
+                .iter()
+                .map(|e| {
+                    let claim = room > 0 && e.finish != Finish::Release;
+                    room -= usize::from(claim);
+                    (&e.job, &e.finish, claim)
+                })
+                .collect();
+            let inner = &self.inner;
+            let answer = inner
+                .queue
+                .finish_many(&asked, Some(&inner.worker_id))
+                .await;
+            let results = match answer {
+                Ok((results, claims)) => {
+                    let late: Vec<Claim> =
+                        claims.into_iter().filter_map(|c| self.offer(c)).collect();
+                    // The process stopped claiming while this call was on its way: its finishers
+                    // are still waiting (a stopping worker waits for them), so give those back now.
+                    self.give_back(late).await;
+                    results.into_iter().map(Ok).collect()
+                }
+                Err(error) => vec![Err(error); endings.len()],
+            };
+            for (ending, result) in endings.into_iter().zip(results) {
+                let _ = ending.reply.send(result);
+            }
+        }
+    }
+
+    /// How many more claims the claim loops can take: none once the process stopped claiming.
+    fn room(&self) -> usize {
         let state = self.inner.state.lock().unwrap();
-        state.open && state.claims.len() < self.inner.capacity
+        if state.open {
+            self.inner.capacity.saturating_sub(state.claims.len())
+        } else {
+            0
+        }
     }
 
     /// Leaves a claim for the claim loops; hands it back when the process stopped claiming.
@@ -178,6 +252,60 @@ mod tests {
             Claim::Job(job) => job,
             other => panic!("expected a job, got {other:?}"),
         }
+    }
+
+    /// Finishes that arrive together are ended together; each hears its own result, and no more
+    /// jobs are claimed for the claim loops than they have slots for.
+    #[tokio::test]
+    async fn finishes_that_arrive_together_each_get_their_result() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
+        let queue = Queue::connect(&url, QueueConfig::new(prefix)).unwrap();
+        queue.initialize(1).await.unwrap();
+        queue.set_limits(&[(ServerId(1), 100)]).await.unwrap();
+        for i in 0..40 {
+            let sub = SubscriptionId::parse(&format!("sub-{i}")).unwrap();
+            queue
+                .enqueue(&JobPayload::create(ServerId(1), sub))
+                .await
+                .unwrap();
+        }
+        let capacity = 8;
+        let handoff = Handoff::new(
+            queue.clone(),
+            "test",
+            WakeSignal::spawn(&queue),
+            Arc::new(NoHooks),
+            capacity,
+        );
+        let mut jobs = vec![];
+        for _ in 0..20 {
+            jobs.push(claim(&queue).await);
+        }
+        // One of them is a stale attempt: fenced out, whatever the others in its call do.
+        jobs[15].fence -= 1;
+        let results = futures::future::join_all(
+            jobs.iter()
+                .map(|job| async { handoff.finish(job, &Finish::Done).await.unwrap().0 }),
+        )
+        .await;
+        for (i, result) in results.iter().enumerate() {
+            let want = if i == 15 {
+                FinishResult::Fenced
+            } else {
+                FinishResult::Applied
+            };
+            assert_eq!(*result, want, "finish {i}");
+        }
+        let handed = handoff.close();
+        assert_eq!(handed.len(), capacity, "claims for the loops' slots only");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!(
+            (stats.done, stats.running, stats.ready),
+            (19, 1 + capacity as u64, 40 - 20 - capacity as u64),
+            "{stats:?}"
+        );
+        queue.purge().await.unwrap();
     }
 
     /// Finishes claim for the claim loops until the process stops claiming; what is still waiting

@@ -33,7 +33,7 @@ pub use wake::WakeSignal;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid REDIS_URL {url:?}: {problem}")]
     BadUrl {
@@ -650,8 +650,10 @@ impl Queue {
         job: &ClaimedJob,
         finish: &Finish,
     ) -> Result<(FinishResult, BreakerEvent)> {
-        let (result, event, _) = self.finish_then_claim(job, finish, None).await?;
-        Ok((result, event))
+        let (mut ended, _) = self.finish_many(&[(job, finish, false)], None).await?;
+        ended
+            .pop()
+            .ok_or_else(|| Error::Reply("finish returned no result".into()))
     }
 
     /// [`Queue::finish`], then, unless the attempt was fenced out, a [`Queue::claim`] for `worker`
@@ -662,81 +664,92 @@ impl Queue {
         finish: &Finish,
         worker: &str,
     ) -> Result<(FinishResult, BreakerEvent, Option<Claim>)> {
-        self.finish_then_claim(job, finish, Some(worker)).await
+        let (mut ended, claims) = self
+            .finish_many(&[(job, finish, true)], Some(worker))
+            .await?;
+        let (result, event) = ended
+            .pop()
+            .ok_or_else(|| Error::Reply("finish returned no result".into()))?;
+        Ok((result, event, claims.into_iter().next()))
     }
 
-    async fn finish_then_claim(
+    /// Ends several attempts in one script call, each fenced as [`Queue::finish`], and, for each
+    /// one that was applied and says `true`, claims a job for `worker` to fill the slot it freed
+    /// (as [`Queue::claim`]; the claims stop at the first that finds no job or probe, which is
+    /// returned last). Returns each attempt's result in order, and the claims.
+    pub async fn finish_many(
         &self,
-        job: &ClaimedJob,
-        finish: &Finish,
+        endings: &[(&ClaimedJob, &Finish, bool)],
         worker: Option<&str>,
-    ) -> Result<(FinishResult, BreakerEvent, Option<Claim>)> {
-        let (outcome, delay, error, server_fault) = match finish {
-            Finish::Done => ("done", Duration::ZERO, "", false),
-            Finish::Retry {
-                delay,
-                error,
-                server_fault,
-            } => ("retry", *delay, error.as_str(), *server_fault),
-            Finish::Dead {
-                error,
-                server_fault,
-            } => ("dead", Duration::ZERO, error.as_str(), *server_fault),
-            Finish::Release => ("release", Duration::ZERO, "", false),
-            Finish::Requeue { error } => ("requeue", Duration::ZERO, error.as_str(), false),
-        };
+    ) -> Result<(Vec<(FinishResult, BreakerEvent)>, Vec<Claim>)> {
         let claimed_at = std::time::Instant::now();
         let mut invocation = self.script(&self.scripts.finish);
         invocation
-            .arg(job.id.0)
-            .arg(job.fence)
-            .arg(outcome)
-            .arg(delay.as_millis() as u64)
-            .arg(error)
-            .arg(u8::from(server_fault))
             .arg(self.config.breaker_threshold)
-            .arg(self.config.breaker_cooldown.as_millis() as u64);
-        if let Some(worker) = worker {
+            .arg(self.config.breaker_cooldown.as_millis() as u64)
+            .arg(worker.unwrap_or(""))
+            .arg(self.config.lease.as_millis() as u64)
+            .arg(self.probe_deadline().as_millis() as u64);
+        for &(job, finish, claim) in endings {
+            let (outcome, delay, error, server_fault) = match finish {
+                Finish::Done => ("done", Duration::ZERO, "", false),
+                Finish::Retry {
+                    delay,
+                    error,
+                    server_fault,
+                } => ("retry", *delay, error.as_str(), *server_fault),
+                Finish::Dead {
+                    error,
+                    server_fault,
+                } => ("dead", Duration::ZERO, error.as_str(), *server_fault),
+                Finish::Release => ("release", Duration::ZERO, "", false),
+                Finish::Requeue { error } => ("requeue", Duration::ZERO, error.as_str(), false),
+            };
             invocation
-                .arg(worker)
-                .arg(self.config.lease.as_millis() as u64)
-                .arg(self.probe_deadline().as_millis() as u64);
+                .arg(job.id.0)
+                .arg(job.fence)
+                .arg(outcome)
+                .arg(delay.as_millis() as u64)
+                .arg(error)
+                .arg(u8::from(server_fault))
+                .arg(u8::from(claim && worker.is_some()));
         }
-        let mut reply: Vec<Value> = invocation.invoke_async(&mut self.conn.clone()).await?;
-        if reply.len() < 2 {
+        let (results, claims): (Vec<i64>, Vec<Vec<Value>>) =
+            invocation.invoke_async(&mut self.conn.clone()).await?;
+        if results.len() != 2 * endings.len() {
             return Err(Error::Reply(format!(
-                "finish returned {} values",
-                reply.len()
+                "finish returned {} values for {} attempts",
+                results.len(),
+                endings.len()
             )));
         }
-        let next = reply.split_off(2);
-        let int = |v: &Value| -> Result<i64> {
-            redis::from_redis_value_ref::<i64>(v).map_err(|e| Error::Reply(format!("finish: {e}")))
-        };
-        let event = match int(&reply[1])? {
-            1 => {
-                tracing::warn!(
-                    server_id = %job.server,
-                    cooldown = ?self.config.breaker_cooldown,
-                    "Circuit breaker opened: the server's jobs wait without spending attempts until a health probe succeeds."
-                );
-                BreakerEvent::Opened
-            }
-            2 => BreakerEvent::Closed,
-            _ => BreakerEvent::Unchanged,
-        };
-        let result = match int(&reply[0])? {
-            0 => FinishResult::Fenced,
-            1 => FinishResult::Applied,
-            2 => FinishResult::DeadLettered,
-            other => return Err(Error::Reply(format!("finish returned {other}"))),
-        };
-        let next = if next.is_empty() {
-            None
-        } else {
-            Some(parse_claim(next, claimed_at)?)
-        };
-        Ok((result, event, next))
+        let mut ended = Vec::with_capacity(endings.len());
+        for (&(job, _, _), pair) in endings.iter().zip(results.chunks_exact(2)) {
+            let event = match pair[1] {
+                1 => {
+                    tracing::warn!(
+                        server_id = %job.server,
+                        cooldown = ?self.config.breaker_cooldown,
+                        "Circuit breaker opened: the server's jobs wait without spending attempts until a health probe succeeds."
+                    );
+                    BreakerEvent::Opened
+                }
+                2 => BreakerEvent::Closed,
+                _ => BreakerEvent::Unchanged,
+            };
+            let result = match pair[0] {
+                0 => FinishResult::Fenced,
+                1 => FinishResult::Applied,
+                2 => FinishResult::DeadLettered,
+                other => return Err(Error::Reply(format!("finish returned {other}"))),
+            };
+            ended.push((result, event));
+        }
+        let claims = claims
+            .into_iter()
+            .map(|claim| parse_claim(claim, claimed_at))
+            .collect::<Result<_>>()?;
+        Ok((ended, claims))
     }
 
     /// Extends the leases of the attempts (job, fence) still held; returns the attempts whose lease

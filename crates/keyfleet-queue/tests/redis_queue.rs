@@ -1088,6 +1088,79 @@ async fn a_paused_server_gets_no_health_probe_until_resumed() {
     cleanup(q).await;
 }
 
+/// Several attempts end in one script call: each is fenced on its own, each applied one frees its
+/// slot, and the claims made for those slots obey the limits as single claims do.
+#[tokio::test]
+async fn several_finishes_end_in_one_call_each_fenced_on_its_own() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 2), (ServerId(2), 1)])
+        .await
+        .unwrap();
+    for i in 0..4 {
+        q.enqueue(&create(1, &format!("s1-{i}"))).await.unwrap();
+    }
+    q.enqueue(&create(2, "s2-0")).await.unwrap();
+    let mut held = vec![];
+    while let Some(job) = claim(&q).await {
+        held.push(job);
+    }
+    held.sort_by_key(|job| job.server.0);
+    let [a, b, c] = <[ClaimedJob; 3]>::try_from(held).unwrap();
+    assert_eq!(
+        (a.server, b.server, c.server),
+        (ServerId(1), ServerId(1), ServerId(2)),
+        "every server at its limit"
+    );
+    let stale = ClaimedJob {
+        fence: b.fence - 1,
+        ..b.clone()
+    };
+    let retry = Finish::Retry {
+        delay: Duration::from_secs(60),
+        error: "503".into(),
+        server_fault: false,
+    };
+    // Server 1's a done and b's stale attempt (fenced), server 2's c retried; claims asked for
+    // all three.
+    let (ended, claims) = q
+        .finish_many(
+            &[
+                (&a, &Finish::Done, true),
+                (&stale, &Finish::Done, true),
+                (&c, &retry, true),
+            ],
+            Some("w"),
+        )
+        .await
+        .unwrap();
+    let results: Vec<FinishResult> = ended.iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        results,
+        [
+            FinishResult::Applied,
+            FinishResult::Fenced,
+            FinishResult::Applied
+        ]
+    );
+    // Two slots freed (a's and c's), so two claims: server 1 fills its freed slot, and the second
+    // finds nothing (server 2's only job waits out its back-off; b still holds server 1's other
+    // slot) and says so, as a claim does.
+    match claims.as_slice() {
+        [Claim::Job(job), Claim::Empty { next_due: Some(_) }] => {
+            assert_eq!(job.server, ServerId(1));
+            assert!(job.fence > c.fence);
+        }
+        other => panic!("expected a job of server 1, then nothing: {other:?}"),
+    }
+    let stats = q.stats().await.unwrap();
+    assert_eq!(
+        (stats.running, stats.delayed, stats.done),
+        (2, 1, 1),
+        "{stats:?}"
+    );
+    cleanup(q).await;
+}
+
 /// A finish may claim the next job in the same script call: the same claim as `claim` (ring
 /// order, per-server limits, fences), and none when the finish is fenced out.
 #[tokio::test]
