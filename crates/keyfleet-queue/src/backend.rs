@@ -44,8 +44,9 @@ pub struct QueueBackend {
 
 enum State {
     Idle,
-    /// The wake generation read before the claim started, so no wake-up can slip between them.
-    Claiming(u64, BoxFuture<'static, crate::Result<Claim>>),
+    /// The wake generation read before the claim started, so no wake-up can slip between them,
+    /// and the claims reserved for it ([`Handoff::reserve`]).
+    Claiming(u64, usize, BoxFuture<'static, crate::Result<Vec<Claim>>>),
     /// Idle (waiting for a wake-up), backing off, or initialising Redis: nothing to finish at stop.
     Waiting(BoxFuture<'static, ()>),
     /// Giving back what was claimed for this process as the worker stopped.
@@ -135,13 +136,29 @@ impl Backend for QueueBackend {
                     }
                     let queue = self.handoff.queue().clone();
                     let worker = self.worker_id.clone();
-                    self.state =
-                        State::Claiming(seen, Box::pin(async move { queue.claim(&worker).await }));
+                    let most = self.handoff.reserve();
+                    self.state = State::Claiming(
+                        seen,
+                        most,
+                        Box::pin(async move { queue.claim_many(&worker, most).await }),
+                    );
                 }
-                State::Claiming(seen, claim) => {
-                    let seen = *seen;
+                State::Claiming(seen, reserved, claim) => {
+                    let (seen, reserved) = (*seen, *reserved);
                     let claimed = ready!(claim.as_mut().poll(cx));
-                    if let Some(job) = self.claimed(seen, claimed) {
+                    let (own, late) = match claimed {
+                        Ok(mut claims) => {
+                            let own = claims.remove(0);
+                            (Ok(own), self.handoff.settle(reserved, claims))
+                        }
+                        Err(error) => (Err(error), self.handoff.settle(reserved, vec![])),
+                    };
+                    let job = self.claimed(seen, own);
+                    if !late.is_empty() {
+                        // The process stopped claiming while this claim was on its way.
+                        self.state = State::Releasing(self.handoff.give_back(late));
+                    }
+                    if let Some(job) = job {
                         return Poll::Ready(Some(Ok(Task::new(job))));
                     }
                 }
@@ -160,10 +177,11 @@ impl Backend for QueueBackend {
         // loop took: with a claim still in flight at shutdown, that claim's job too (or its probe,
         // which holds one of the server's slots). An idle wait or a back-off has nothing to
         // finish: stop now, not at its end.
-        if let State::Claiming(_, claim) = &mut self.state {
+        if let State::Claiming(_, reserved, claim) = &mut self.state {
+            let reserved = *reserved;
             let claimed = ready!(claim.as_mut().poll(cx));
             let mut claims = self.handoff.close();
-            claims.extend(claimed.ok());
+            claims.extend(self.handoff.settle(reserved, claimed.unwrap_or_default()));
             self.state = State::Releasing(self.handoff.give_back(claims));
         } else if !matches!(self.state, State::Releasing(_)) {
             self.state = State::Releasing(self.handoff.give_back(self.handoff.close()));

@@ -7,8 +7,8 @@ use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::{
-    BreakerEvent, Claim, ClaimHooks, ClaimedJob, Error, Finish, FinishResult, Queue, Result,
-    WakeSignal,
+    BreakerEvent, Claim, ClaimHooks, ClaimedJob, Error, Finish, FinishResult, LeaseRegistry, Queue,
+    Result, WakeSignal,
 };
 
 /// Claims made by a process's finishes, for its claim loops. A finish frees a slot that one of the
@@ -33,6 +33,8 @@ struct Inner {
     /// Claims waiting here beyond this are not made: a finish claims only while the process's
     /// claim loops are keeping up.
     capacity: usize,
+    /// The process's running attempts (each holds a lease while it runs).
+    running: LeaseRegistry,
     state: Mutex<State>,
     finishing: Mutex<Finishing>,
 }
@@ -53,20 +55,26 @@ struct Ending {
 
 /// Attempts ended in one script call, at most.
 const MAX_FINISHES: usize = 64;
+/// Jobs claimed in one script call by a claim loop, at most.
+const MAX_CLAIMS: usize = 16;
 
 struct State {
     claims: VecDeque<Claim>,
+    /// Claims being made by claim loops for the process's free slots ([`Handoff::reserve`]).
+    reserved: usize,
     open: bool,
 }
 
 impl Handoff {
-    /// `capacity`: the process's concurrency (no more claims than slots can wait here).
+    /// `capacity`: the process's concurrency (no more claims than slots can wait here);
+    /// `running`: the leases of its running attempts.
     pub fn new(
         queue: Queue,
         worker_id: impl Into<String>,
         wake: WakeSignal,
         hooks: Arc<dyn ClaimHooks>,
         capacity: usize,
+        running: LeaseRegistry,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -75,8 +83,10 @@ impl Handoff {
                 wake,
                 hooks,
                 capacity: capacity.max(1),
+                running,
                 state: Mutex::new(State {
                     claims: VecDeque::new(),
+                    reserved: 0,
                     open: true,
                 }),
                 finishing: Mutex::default(),
@@ -181,6 +191,46 @@ impl Handoff {
         None
     }
 
+    /// How many jobs a claim loop with a free slot claims in one call: its own, and one for each
+    /// other slot of the process that is free and not being claimed for (at most [`MAX_CLAIMS`]).
+    /// So a burst (a purchase's jobs on an idle worker) is claimed in one call, not one per job.
+    /// Reserved until [`Handoff::settle`].
+    pub(crate) fn reserve(&self) -> usize {
+        let running = self.inner.running.len();
+        let mut state = self.inner.state.lock().unwrap();
+        let busy = running + state.claims.len() + state.reserved;
+        let claims = self
+            .inner
+            .capacity
+            .saturating_sub(busy)
+            .clamp(1, MAX_CLAIMS);
+        state.reserved += claims;
+        claims
+    }
+
+    /// Ends a reservation of `reserved` claims: what was claimed beyond the claim loop's own job
+    /// waits here for the other claim loops. When the process stopped claiming meanwhile, those
+    /// claims come back, to give back.
+    pub(crate) fn settle(&self, reserved: usize, extra: Vec<Claim>) -> Vec<Claim> {
+        let mut state = self.inner.state.lock().unwrap();
+        state.reserved = state.reserved.saturating_sub(reserved);
+        if !state.open {
+            return extra;
+        }
+        let handed = extra
+            .into_iter()
+            .filter(|claim| matches!(claim, Claim::Job(_) | Claim::Probe(_)))
+            .fold(0, |n, claim| {
+                state.claims.push_back(claim);
+                n + 1
+            });
+        drop(state);
+        if handed > 0 {
+            self.inner.wake.notify_local();
+        }
+        Vec::new()
+    }
+
     /// The oldest claim waiting here, for a claim loop with a free slot.
     pub(crate) fn take(&self) -> Option<Claim> {
         self.inner.state.lock().unwrap().claims.pop_front()
@@ -277,6 +327,7 @@ mod tests {
             WakeSignal::spawn(&queue),
             Arc::new(NoHooks),
             capacity,
+            LeaseRegistry::default(),
         );
         let mut jobs = vec![];
         for _ in 0..20 {
@@ -330,6 +381,7 @@ mod tests {
             WakeSignal::spawn(&queue),
             Arc::new(NoHooks),
             8,
+            LeaseRegistry::default(),
         );
         let seen = handoff.wake().generation();
         let (first, second) = (claim(&queue).await, claim(&queue).await);

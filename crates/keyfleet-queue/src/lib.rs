@@ -33,6 +33,9 @@ pub use wake::WakeSignal;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Jobs enqueued in one script call, at most: a call blocks Redis for a few milliseconds at most.
+const ENQUEUE_CHUNK: usize = 100;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid REDIS_URL {url:?}: {problem}")]
@@ -378,34 +381,57 @@ impl Queue {
         idem: &str,
         payload: &JobPayload,
     ) -> Result<Enqueued> {
-        if idem.is_empty() || idem.len() > 200 {
-            return Err(Error::BadIdempotencyKey(idem.chars().take(40).collect()));
+        let mut replies = self.enqueue_script(lane, &[(idem, payload)]).await?;
+        replies.remove(0)
+    }
+
+    /// Enqueues each job (under its operation's idempotency key) in one script call, so they are
+    /// all ready when a worker wakes; each comes back on its own: [`Error::IdempotencyConflict`]
+    /// for one refuses that job only.
+    async fn enqueue_script(
+        &self,
+        lane: Lane,
+        jobs: &[(&str, &JobPayload)],
+    ) -> Result<Vec<Result<Enqueued>>> {
+        let mut invocation = self.script(&self.scripts.enqueue);
+        for &(idem, payload) in jobs {
+            if idem.is_empty() || idem.len() > 200 {
+                return Err(Error::BadIdempotencyKey(idem.chars().take(40).collect()));
+            }
+            invocation
+                .arg(idem)
+                .arg(payload.to_json())
+                .arg(payload.server().0)
+                .arg(payload.kind().as_str())
+                .arg(payload.kind().max_attempts())
+                .arg(payload.key_lock().unwrap_or_default())
+                .arg(lane.as_str());
         }
-        let reply: (String, i64) = self
-            .script(&self.scripts.enqueue)
-            .arg(idem)
-            .arg(payload.to_json())
-            .arg(payload.server().0)
-            .arg(payload.kind().as_str())
-            .arg(payload.kind().max_attempts())
-            .arg(payload.key_lock().unwrap_or_default())
-            .arg(lane.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        let id = JobId(
-            reply
-                .0
-                .parse()
-                .map_err(|_| Error::Reply(format!("job id {:?}", reply.0)))?,
-        );
-        match reply.1 {
-            1 => Ok(Enqueued { id, created: true }),
-            0 => Ok(Enqueued { id, created: false }),
-            _ => Err(Error::IdempotencyConflict {
-                key: idem.to_owned(),
-                job: id,
-            }),
+        let reply: Vec<(String, i64)> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if reply.len() != jobs.len() {
+            return Err(Error::Reply(format!(
+                "enqueue returned {} replies for {} jobs",
+                reply.len(),
+                jobs.len()
+            )));
         }
+        jobs.iter()
+            .zip(reply)
+            .map(|(&(idem, _), (id, code))| {
+                let id = JobId(
+                    id.parse()
+                        .map_err(|_| Error::Reply(format!("job id {id:?}")))?,
+                );
+                Ok(match code {
+                    1 => Ok(Enqueued { id, created: true }),
+                    0 => Ok(Enqueued { id, created: false }),
+                    _ => Err(Error::IdempotencyConflict {
+                        key: idem.to_owned(),
+                        job: id,
+                    }),
+                })
+            })
+            .collect()
     }
 
     /// Cancels the not-yet-started jobs of these operations; returns how many were cancelled.
@@ -420,19 +446,39 @@ impl Queue {
         Ok(invocation.invoke_async(&mut self.conn.clone()).await?)
     }
 
-    /// Enqueues many jobs in the normal lane concurrently over the one multiplexed connection
-    /// (pipelined).
+    /// Enqueues many jobs in the normal lane, in script calls of up to [`ENQUEUE_CHUNK`].
     pub async fn enqueue_all(&self, payloads: &[JobPayload]) -> Result<Vec<Enqueued>> {
         self.enqueue_all_in(Lane::Normal, payloads).await
     }
 
-    /// Like [`Queue::enqueue_all`], in the given lane.
+    /// Like [`Queue::enqueue_all`], in the given lane; fails on the first idempotency conflict.
     pub async fn enqueue_all_in(
         &self,
         lane: Lane,
         payloads: &[JobPayload],
     ) -> Result<Vec<Enqueued>> {
-        futures::future::try_join_all(payloads.iter().map(|p| self.enqueue_in(lane, p))).await
+        self.enqueue_each_in(lane, payloads)
+            .await?
+            .into_iter()
+            .collect()
+    }
+
+    /// Like [`Queue::enqueue_all_in`], with each job's outcome on its own: a job whose operation's
+    /// live job has another payload is refused ([`Error::IdempotencyConflict`]), the others are
+    /// enqueued all the same.
+    pub async fn enqueue_each_in(
+        &self,
+        lane: Lane,
+        payloads: &[JobPayload],
+    ) -> Result<Vec<Result<Enqueued>>> {
+        let keys: Vec<String> = payloads.iter().map(JobPayload::idempotency_key).collect();
+        let jobs: Vec<(&str, &JobPayload)> =
+            keys.iter().map(String::as_str).zip(payloads).collect();
+        let mut replies = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(ENQUEUE_CHUNK) {
+            replies.extend(self.enqueue_script(lane, chunk).await?);
+        }
+        Ok(replies)
     }
 
     /// Sets fleet-wide in-flight limits; takes effect at the next claim.
@@ -450,15 +496,29 @@ impl Queue {
 
     /// Claims the next job for `worker`, leasing it for the configured lease time.
     pub async fn claim(&self, worker: &str) -> Result<Claim> {
+        let mut claims = self.claim_many(worker, 1).await?;
+        Ok(claims.remove(0))
+    }
+
+    /// Up to `most` claims in one script call, each as [`Queue::claim`]; they stop at the first
+    /// that finds no job or probe, which is returned last. Never empty.
+    pub async fn claim_many(&self, worker: &str, most: usize) -> Result<Vec<Claim>> {
         let claimed_at = std::time::Instant::now();
-        let reply: Vec<Value> = self
+        let reply: Vec<Vec<Value>> = self
             .script(&self.scripts.claim)
             .arg(worker)
             .arg(self.config.lease.as_millis() as u64)
             .arg(self.probe_deadline().as_millis() as u64)
+            .arg(most.max(1))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        parse_claim(reply, claimed_at)
+        if reply.is_empty() {
+            return Err(Error::Reply("claim returned nothing".into()));
+        }
+        reply
+            .into_iter()
+            .map(|claim| parse_claim(claim, claimed_at))
+            .collect()
     }
 
     /// How long a health probe may take before the reaper takes its slot back.

@@ -1088,6 +1088,45 @@ async fn a_paused_server_gets_no_health_probe_until_resumed() {
     cleanup(q).await;
 }
 
+/// A burst is claimed in one call, within every server's limit, rotating over servers as single
+/// claims do; the claims end with what a claim finds when nothing is left.
+#[tokio::test]
+async fn several_jobs_are_claimed_in_one_call_within_the_limits() {
+    let q = queue(Duration::from_secs(10)).await;
+    q.set_limits(&[(ServerId(1), 2), (ServerId(2), 1)])
+        .await
+        .unwrap();
+    for i in 0..5 {
+        q.enqueue(&create(1, &format!("s1-{i}"))).await.unwrap();
+        q.enqueue(&create(2, &format!("s2-{i}"))).await.unwrap();
+    }
+    let claims = q.claim_many("w", 10).await.unwrap();
+    let (jobs, last) = claims.split_at(claims.len() - 1);
+    let servers: Vec<i64> = jobs
+        .iter()
+        .map(|claim| match claim {
+            Claim::Job(job) => job.server.0,
+            other => panic!("expected a job, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(servers, [1, 2, 1], "both servers' limits held");
+    assert!(
+        matches!(last, [Claim::Empty { next_due: None }]),
+        "{last:?}"
+    );
+    let fences: Vec<i64> = jobs
+        .iter()
+        .map(|claim| match claim {
+            Claim::Job(job) => job.fence,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
+    assert_eq!(q.claim_many("w", 1).await.unwrap().len(), 1);
+    assert_eq!(q.stats().await.unwrap().running, 3);
+    cleanup(q).await;
+}
+
 /// Several attempts end in one script call: each is fenced on its own, each applied one frees its
 /// slot, and the claims made for those slots obey the limits as single claims do.
 #[tokio::test]

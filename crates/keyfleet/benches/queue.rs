@@ -859,6 +859,7 @@ async fn run_keyfleet(
             wake,
             Arc::new(BenchHooks),
             concurrency,
+            leases.clone(),
         );
         let ctx = KeyfleetJob {
             queue: queue.clone(),

@@ -82,12 +82,7 @@ impl Producer {
                 verify: tried,
             })
             .collect();
-        let results = futures::future::join_all(
-            payloads
-                .iter()
-                .map(|p| self.queue.enqueue_in(Lane::Urgent, p)),
-        )
-        .await;
+        let results = self.queue.enqueue_each_in(Lane::Urgent, &payloads).await?;
         let mut jobs = Vec::with_capacity(payloads.len());
         for (payload, result) in payloads.iter().zip(results) {
             let (job, new) = match result {

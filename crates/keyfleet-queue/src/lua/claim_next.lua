@@ -5,14 +5,17 @@
 -- due a health probe (the probe holds one of its slots until reported); {'!', 0} when Redis holds
 -- no fence epoch (it lost keyfleet's state, or is new: nothing may be claimed before fences are
 -- raised past Postgres); or {'', ms until the next delayed job or probe is due (-1: none; 0: look
--- again at once)}. now: the caller's clock reading, if it has one.
-local function claim_next(worker, lease_ms, probe_ms, now)
-  if redis.call('EXISTS', P .. ':epoch') == 0 then
-    return {'!', 0}
-  end
+-- again at once)}. now: the caller's clock reading, if it has one. again: this script call has
+-- claimed before, so the epoch, the due retries and the due probes were looked at already.
+local function claim_next(worker, lease_ms, probe_ms, now, again)
   now = now or now_ms()
-  promote_due(now, 100)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
+  if not again then
+    if redis.call('EXISTS', P .. ':epoch') == 0 then
+      return {'!', 0}
+    end
+    promote_due(now, 100)
+  end
+  local due = again and {} or redis.call('ZRANGEBYSCORE', P .. ':paused', '-inf', now, 'LIMIT', 0, 16)
   for _, s in ipairs(due) do
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
     if is_held(s) then
@@ -50,10 +53,10 @@ local function claim_next(worker, lease_ms, probe_ms, now)
       redis.call('HSET', jobkey(id), 'state', 'running', 'fence', fence, 'worker', worker,
         'started_at', now, 'attempts', attempt, 'tries', tries)
       redis.call('ZADD', P .. ':leases', now + lease_ms, id)
-      refresh(s, now, nready, inflight, false)
+      refresh(s, now, nready, inflight, false, true)
       return {id, job[5], attempt, job[6], fence, s, job[7], tries}
     end
-    refresh(s, now, nil, nil, false)
+    refresh(s, now, nil, nil, false, true)
   end
   if redis.call('LLEN', P .. ':ring') > 0 then
     -- Sixteen servers in a row had nothing claimable after all (cancelled ids, key locks).

@@ -61,14 +61,16 @@ end
 -- empty ring: claimers go idle only on an empty ring, so only then is a wake-up worth publishing.
 -- (A claim takes servers off the ring before it puts them back, but it publishes nothing.)
 -- nready and inflight: s's counts if the caller has just read them (nil: read them here);
--- member: whether s is in the ring, if the caller knows.
-local function refresh(s, now, nready, inflight, member)
+-- member: whether s is in the ring, if the caller knows; popped: the caller took s off the ring
+-- in this script call, so its breaker is closed and no operator holds it (either takes a server
+-- off the ring), and only its counts can have changed.
+local function refresh(s, now, nready, inflight, member, popped)
   nready = nready or tonumber(redis.call('HGET', P .. ':nready', s) or '0')
   local eligible = nready > 0
   if eligible then
     local limit = tonumber(redis.call('HGET', P .. ':limits', s) or '1')
     inflight = inflight or tonumber(redis.call('HGET', P .. ':inflight', s) or '0')
-    eligible = inflight < limit and not is_open(s) and not is_held(s)
+    eligible = inflight < limit and (popped or (not is_open(s) and not is_held(s)))
   end
   if member == nil then
     member = redis.call('SISMEMBER', P .. ':inring', s) == 1

@@ -82,8 +82,8 @@ for i = 7, #ARGV, 7 do
 end
 local claims = {}
 if ARGV[4] ~= '' then
-  for _ = 1, wanted do
-    local claim = claim_next(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now)
+  for i = 1, wanted do
+    local claim = claim_next(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now, i > 1)
     table.insert(claims, claim)
     if claim[1] == '' or claim[1] == '!' then
       break

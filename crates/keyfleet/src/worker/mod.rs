@@ -128,6 +128,7 @@ pub async fn run(
         wake,
         hooks,
         options.concurrency,
+        leases.clone(),
     );
     let executor = Arc::new(Executor {
         store: store.clone(),
