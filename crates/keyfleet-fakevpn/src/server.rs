@@ -252,6 +252,9 @@ impl fmt::Debug for FakeServer {
     }
 }
 
+/// How much earlier than a request's latency tokio's timer is asked to wake (see `latency`).
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+
 async fn entry(State(inner): State<Arc<Inner>>, request: Request) -> Response {
     inner.serve(request).await
 }
@@ -273,7 +276,7 @@ impl Inner {
             None
         };
         let body = axum::body::to_bytes(body, BODY_LIMIT).await;
-        self.hold(delay).await;
+        self.latency(delay).await;
         if authorized {
             self.holds.pass(call.endpoint, &self.closing).await;
         }
@@ -387,6 +390,19 @@ impl Inner {
         let users = u32::try_from(self.api.user_count()).unwrap_or(u32::MAX);
         self.hold(per_key.saturating_mul(users)).await;
         self.api.handle(call, body, &self.meter)
+    }
+
+    /// The request's latency, kept to a fraction of a millisecond: tokio's timer wheel fires on a
+    /// millisecond tick, up to about a millisecond late, which would make a fixed 50 ms server a
+    /// 51-52 ms one; the last stretch is slept on a blocking thread, which wakes on time.
+    async fn latency(&self, delay: Duration) {
+        let until = std::time::Instant::now() + delay;
+        self.hold(delay.saturating_sub(TIMER_SLACK)).await;
+        let rest = until.saturating_duration_since(std::time::Instant::now());
+        // More than the slack left: the server is shutting down and the hold ended early.
+        if !rest.is_zero() && rest <= TIMER_SLACK {
+            let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+        }
     }
 
     /// Sleeps, but ends early when the server shuts down.
