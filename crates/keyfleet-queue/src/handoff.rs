@@ -11,15 +11,17 @@ use crate::{
     Result, WakeSignal,
 };
 
-/// Claims made by a process's finishes, for its claim loops. A finish frees a slot that one of the
-/// process's claim loops is about to fill, so [`Handoff::finish`] claims the next job in the same
-/// script call ([`Queue::finish_and_claim`], as BullMQ's `moveToFinished` does) and leaves it here;
-/// the next [`crate::QueueBackend`] with a free slot takes it instead of claiming from Redis. In
-/// steady state a job then costs one script call instead of two.
+/// Claims made for a process's claim loops by its finishes and by its other claim loops. A finish
+/// frees a slot that one of the claim loops is about to fill, so [`Handoff::finish`] claims the
+/// next job in the same script call ([`Queue::finish_many`], as BullMQ's `moveToFinished` does)
+/// and leaves it here; the next [`crate::QueueBackend`] with a free slot takes it instead of
+/// claiming from Redis. Finishes that arrive together share one call, and a claim loop claims
+/// for the process's other free slots too ([`Handoff::reserve`]). In steady state a job then
+/// costs a fraction of a script call.
 ///
 /// Nothing is claimed once the process stops claiming (its claim loops close); a claim that
-/// arrives after that is given back by its finisher (a job released unstarted, a probe run), and
-/// those still waiting here by the claim loop that closes first.
+/// arrives after that is given back by the call that brought it (a job released unstarted, a
+/// probe run), and those still waiting here by the claim loop that closes first.
 #[derive(Clone)]
 pub struct Handoff {
     inner: Arc<Inner>,
