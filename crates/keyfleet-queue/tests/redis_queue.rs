@@ -1102,26 +1102,23 @@ async fn several_jobs_are_claimed_in_one_call_within_the_limits() {
     }
     let claims = q.claim_many("w", 10).await.unwrap();
     let (jobs, last) = claims.split_at(claims.len() - 1);
-    let servers: Vec<i64> = jobs
+    let jobs: Vec<&ClaimedJob> = jobs
         .iter()
         .map(|claim| match claim {
-            Claim::Job(job) => job.server.0,
+            Claim::Job(job) => job,
             other => panic!("expected a job, got {other:?}"),
         })
         .collect();
+    let servers: Vec<i64> = jobs.iter().map(|job| job.server.0).collect();
     assert_eq!(servers, [1, 2, 1], "both servers' limits held");
+    assert!(
+        jobs.windows(2).all(|w| w[0].fence < w[1].fence),
+        "a fence per claim"
+    );
     assert!(
         matches!(last, [Claim::Empty { next_due: None }]),
         "{last:?}"
     );
-    let fences: Vec<i64> = jobs
-        .iter()
-        .map(|claim| match claim {
-            Claim::Job(job) => job.fence,
-            _ => unreachable!(),
-        })
-        .collect();
-    assert!(fences.windows(2).all(|w| w[0] < w[1]), "{fences:?}");
     assert_eq!(q.claim_many("w", 1).await.unwrap().len(), 1);
     assert_eq!(q.stats().await.unwrap().running, 3);
     cleanup(q).await;

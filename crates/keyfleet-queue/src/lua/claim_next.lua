@@ -74,3 +74,16 @@ local function claim_next(worker, lease_ms, probe_ms, now, again)
   end
   return {'', wait}
 end
+
+-- Up to n claims (at least one), ending at the first that was not a job or a probe (included).
+local function claim_many(worker, lease_ms, probe_ms, now, n)
+  local claims = {}
+  for i = 1, math.max(1, n) do
+    local claim = claim_next(worker, lease_ms, probe_ms, now, i > 1)
+    table.insert(claims, claim)
+    if claim[1] == '' or claim[1] == '!' then
+      break
+    end
+  end
+  return claims
+end

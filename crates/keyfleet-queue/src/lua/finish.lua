@@ -81,13 +81,7 @@ for i = 7, #ARGV, 7 do
   end
 end
 local claims = {}
-if ARGV[4] ~= '' then
-  for i = 1, wanted do
-    local claim = claim_next(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now, i > 1)
-    table.insert(claims, claim)
-    if claim[1] == '' or claim[1] == '!' then
-      break
-    end
-  end
+if ARGV[4] ~= '' and wanted > 0 then
+  claims = claim_many(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), now, wanted)
 end
 return {results, claims}
