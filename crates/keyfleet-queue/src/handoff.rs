@@ -152,8 +152,7 @@ impl Handoff {
                 .await;
             let results = match answer {
                 Ok((results, claims)) => {
-                    let late: Vec<Claim> =
-                        claims.into_iter().filter_map(|c| self.offer(c)).collect();
+                    let late = self.settle(0, claims);
                     // The process stopped claiming while this call was on its way: its finishers
                     // are still waiting (a stopping worker waits for them), so give those back now.
                     self.give_back(late).await;
@@ -177,22 +176,6 @@ impl Handoff {
         }
     }
 
-    /// Leaves a claim for the claim loops; hands it back when the process stopped claiming.
-    fn offer(&self, claim: Claim) -> Option<Claim> {
-        // Uninitialized and Empty: the claim loops find the same on their own next claim.
-        if !matches!(claim, Claim::Job(_) | Claim::Probe(_)) {
-            return None;
-        }
-        let mut state = self.inner.state.lock().unwrap();
-        if !state.open {
-            return Some(claim);
-        }
-        state.claims.push_back(claim);
-        drop(state);
-        self.inner.wake.notify_local();
-        None
-    }
-
     /// How many jobs a claim loop with a free slot claims in one call: its own, and one for each
     /// other slot of the process that is free and not being claimed for (at most [`MAX_CLAIMS`]).
     /// So a burst (a purchase's jobs on an idle worker) is claimed in one call, not one per job.
@@ -210,9 +193,9 @@ impl Handoff {
         claims
     }
 
-    /// Ends a reservation of `reserved` claims: what was claimed beyond the claim loop's own job
-    /// waits here for the other claim loops. When the process stopped claiming meanwhile, those
-    /// claims come back, to give back.
+    /// Leaves claims for the claim loops (Empty and Uninitialized are dropped: the loops find the
+    /// same on their next claim), ending a reservation of `reserved` claims (0 for a finish's). When
+    /// the process stopped claiming meanwhile, the claims come back, to give back.
     pub(crate) fn settle(&self, reserved: usize, extra: Vec<Claim>) -> Vec<Claim> {
         let mut state = self.inner.state.lock().unwrap();
         state.reserved = state.reserved.saturating_sub(reserved);
@@ -299,6 +282,15 @@ mod tests {
         }
     }
 
+    /// A queue under a fresh prefix, initialised.
+    async fn test_queue() -> Queue {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
+        let queue = Queue::connect(&url, QueueConfig::new(prefix)).unwrap();
+        queue.initialize(1).await.unwrap();
+        queue
+    }
+
     async fn claim(queue: &Queue) -> ClaimedJob {
         match queue.claim("test").await.unwrap() {
             Claim::Job(job) => job,
@@ -310,10 +302,7 @@ mod tests {
     /// jobs are claimed for the claim loops than they have slots for.
     #[tokio::test]
     async fn finishes_that_arrive_together_each_get_their_result() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
-        let queue = Queue::connect(&url, QueueConfig::new(prefix)).unwrap();
-        queue.initialize(1).await.unwrap();
+        let queue = test_queue().await;
         queue.set_limits(&[(ServerId(1), 100)]).await.unwrap();
         for i in 0..40 {
             let sub = SubscriptionId::parse(&format!("sub-{i}")).unwrap();
@@ -365,10 +354,7 @@ mod tests {
     /// then, and a claim that arrives after, is released unstarted.
     #[tokio::test]
     async fn a_stopped_handoff_claims_nothing_and_gives_back_what_it_holds() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let prefix = format!("kftest:{}", uuid::Uuid::new_v4().simple());
-        let queue = Queue::connect(&url, QueueConfig::new(prefix)).unwrap();
-        queue.initialize(1).await.unwrap();
+        let queue = test_queue().await;
         queue.set_limits(&[(ServerId(1), 10)]).await.unwrap();
         for i in 0..4 {
             let sub = SubscriptionId::parse(&format!("sub-{i}")).unwrap();
@@ -403,9 +389,10 @@ mod tests {
         handoff.finish(&second, &Finish::Done).await.unwrap();
         assert_eq!(queue.stats().await.unwrap().running, 1);
         let late = Claim::Job(claim(&queue).await);
-        let late = handoff.offer(late).expect("refused once closed");
+        let late = handoff.settle(0, vec![late]);
+        assert_eq!(late.len(), 1, "refused once closed");
         handoff
-            .give_back(waiting.into_iter().chain([late]).collect())
+            .give_back(waiting.into_iter().chain(late).collect())
             .await;
         let stats = queue.stats().await.unwrap();
         assert_eq!(
