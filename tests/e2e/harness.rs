@@ -7,7 +7,7 @@ use std::{
 };
 
 use keyfleet_fakevpn::FakeServer;
-use keyfleet_queue::{Queue, QueueConfig, RedisMode};
+use keyfleet_queue::{Queue, QueueConfig, QueueStats, RedisMode};
 use keyfleet_store::Store;
 
 pub fn base_database_url() -> String {
@@ -287,6 +287,23 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Waits until `done` jobs have finished in total and nothing is ready, running or delayed (a job
+/// enqueues its follow-ups before it finishes, so a drained queue has nothing more coming).
+pub async fn drained(env: &TestEnv, done: u64, within: Duration) -> QueueStats {
+    let stats = eventually(
+        within,
+        &format!("{done} jobs done and the queue drained"),
+        || async {
+            let s = env.queue.stats().await.ok()?;
+            (s.done >= done && s.ready == 0 && s.running == 0 && s.delayed == 0).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(stats.done, done, "exactly the expected jobs ran: {stats:?}");
+    assert_eq!(stats.dead, 0, "nothing dead-lettered: {stats:?}");
+    stats
 }
 
 /// Helpers of the retry and resilience tests (`retries.rs`, `resilience.rs`): workers whose log

@@ -13,12 +13,11 @@ use chrono::{DateTime, Timelike, Utc};
 use keyfleet::producer::Producer;
 use keyfleet_core::{ServerId, ServerKind, SubscriptionId, owned_key_name, owned_v2ray_email};
 use keyfleet_fakevpn::{Endpoint, FakeFleet, FakeServer, FakeServerConfig, Latency};
-use keyfleet_queue::QueueStats;
 use keyfleet_store::Store;
 use sqlx::Row;
 
 use crate::harness::{
-    TcpProxy, TestEnv, base_database_url, eventually,
+    TcpProxy, TestEnv, base_database_url, drained, eventually,
     sweeping::{LoggedProcess, spawn_scheduler, spawn_worker},
 };
 
@@ -107,23 +106,6 @@ fn jobs_per_server(report: &serde_json::Value) -> BTreeMap<String, u64> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
         .collect()
-}
-
-/// Waits until `done` jobs have finished in total and nothing is ready, running or delayed (a job
-/// enqueues its follow-ups before it finishes, so a drained queue has nothing more coming).
-async fn drained(env: &TestEnv, done: u64, within: Duration) -> QueueStats {
-    let stats = eventually(
-        within,
-        &format!("{done} jobs done and the queue drained"),
-        || async {
-            let s = env.queue.stats().await.ok()?;
-            (s.done >= done && s.ready == 0 && s.running == 0 && s.delayed == 0).then_some(s)
-        },
-    )
-    .await;
-    assert_eq!(stats.done, done, "exactly the expected jobs ran: {stats:?}");
-    assert_eq!(stats.dead, 0, "nothing dead-lettered: {stats:?}");
-    stats
 }
 
 async fn count_in_state(env: &TestEnv, state: &str) -> i64 {

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use keyfleet_core::{ServerId, SubscriptionId};
@@ -151,55 +151,6 @@ impl WriteOutcome {
 /// The statement of `KeyWrite::Created`.
 const CREATED: usize = 0;
 
-/// One statement per kind of result, each over `UNNEST` of the batch's column arrays
-/// `u(idx, subscription_id, server_id, fence, a, b, n)`. The fence check is in every statement,
-/// and each also checks the key is in a state the result may apply to (a create never resurrects a
-/// key being deleted). A delete clears the key's server id: the key is gone, and a server may hand
-/// the id out again (Outline < 1.8 after a wipe). Every write but `Failed` clears
-/// `failed_transiently`.
-const WRITE_STATEMENTS: [&str; 5] = [
-    "SET state = 'active', server_key_id = u.a, link = u.b, config_synced_at = now(),
-         config_generation = s.config_generation, last_error = NULL, failed_transiently = false,
-         fence = u.fence, updated_at = now()
-     FROM UNNEST_BATCH, servers s
-     WHERE KEY_MATCHES AND s.id = u.server_id AND CREATE_APPLIES",
-    "SET state = 'failed', last_error = u.a, failed_transiently = u.n <> 0, fence = u.fence,
-         updated_at = now()
-     FROM UNNEST_BATCH
-     WHERE KEY_MATCHES AND k.state IN ('pending', 'failed')",
-    "SET state = 'deleted', server_key_id = NULL, link = NULL, config_synced_at = NULL,
-         deleted_at = now(), last_error = NULL, failed_transiently = false, fence = u.fence,
-         updated_at = now()
-     FROM UNNEST_BATCH
-     WHERE KEY_MATCHES AND k.state IN ('deleting', 'deleted')",
-    "SET link = u.a, config_synced_at = now(), config_generation = u.n, fence = u.fence, updated_at = now()
-     FROM UNNEST_BATCH
-     WHERE KEY_MATCHES AND k.state = 'active'",
-    "SET state = 'pending', server_key_id = NULL, link = NULL, config_synced_at = NULL,
-         last_error = 'missing on the server at reconcile', failed_transiently = false,
-         fence = u.fence, updated_at = now()
-     FROM UNNEST_BATCH
-     WHERE KEY_MATCHES AND k.state = 'active'",
-];
-
-/// Run just before the creates, over the same arrays: a server that hands out an id again (Outline
-/// < 1.8 after a wipe) has lost the key another live row of that server still records under it. A
-/// create that applies takes the id from such a row if an older attempt wrote that row (its fence is
-/// lower): the row goes back to `pending` with its id, link and sync time cleared, so reconcile
-/// creates it again; a row being deleted stays `deleting` (its key is gone already, and its delete
-/// must not remove the new key by that id).
-const DISPLACE_REUSED_IDS: &str = "UPDATE keys d
-     SET state = CASE WHEN d.state = 'deleting' THEN 'deleting' ELSE 'pending' END,
-         server_key_id = NULL, link = NULL, config_synced_at = NULL, failed_transiently = false,
-         last_error = CASE WHEN d.state = 'deleting'
-             THEN 'the server reassigned this key''s id to another key: the key is gone'
-             ELSE 'the server reassigned this key''s id to another key: to be created again' END,
-         updated_at = now()
-     FROM UNNEST_BATCH JOIN keys k ON k.subscription_id = u.subscription_id AND k.server_id = u.server_id
-     WHERE k.fence <= u.fence AND CREATE_APPLIES
-       AND d.server_id = u.server_id AND d.server_key_id = u.a AND d.subscription_id <> u.subscription_id
-       AND d.state <> 'deleted' AND d.fence < u.fence";
-
 /// Keys per server with their states, for the demo summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerKeyCount {
@@ -250,66 +201,57 @@ impl Store {
             .collect()
     }
 
-    /// Writes a batch of results in one transaction, one multi-row statement per kind of result.
-    /// Returns, for each input in order, whether it was applied and if not, why (see
-    /// [`WriteOutcome`]); the reasons come from one more statement over the results not applied.
+    /// Writes a batch of results in one call to `keyfleet_write_keys` (one round trip, one
+    /// transaction; one multi-row statement per kind of result, see its migration). Returns, for
+    /// each input in order, whether it was applied and if not, why (see [`WriteOutcome`]).
     ///
     /// Creates that claim the same server id run in rounds, oldest fence first, so the newest
-    /// claim ends up with the id and the older keys are displaced (see `DISPLACE_REUSED_IDS`): each
-    /// of those creates is `Applied`, then superseded.
+    /// claim ends up with the id and the older keys are displaced (a row whose id a server handed
+    /// out again goes back to pending): each of those creates is `Applied`, then superseded.
     pub async fn write_keys(&self, batch: &[KeyWrite]) -> Result<Vec<WriteOutcome>> {
         let rounds = create_rounds(batch);
-        let mut groups: BTreeMap<(usize, usize), Unnested> = BTreeMap::new();
-        for (i, write) in batch.iter().enumerate() {
-            let statement = write.columns().0;
-            groups
-                .entry((statement, rounds[i]))
-                .or_default()
-                .push(i, write);
+        let mut columns = BatchColumns::default();
+        for (write, round) in batch.iter().zip(rounds) {
+            columns.push(write, round);
         }
-        let mut applied = vec![false; batch.len()];
-        let mut tx = self.pool.begin().await?;
-        for (&(statement, _), g) in &groups {
-            if statement == CREATED {
-                g.bind(sqlx::query(&expand(DISPLACE_REUSED_IDS)))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let sql = expand(&format!(
-                "UPDATE keys k {} RETURNING u.idx",
-                WRITE_STATEMENTS[statement]
-            ));
-            for row in g.bind(sqlx::query(&sql)).fetch_all(&mut *tx).await? {
-                let idx: i32 = row.try_get(0)?;
-                applied[idx as usize] = true;
-            }
-        }
+        let missed = sqlx::query(
+            "SELECT idx, row_fence, row_state
+             FROM keyfleet_write_keys($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&columns.statements)
+        .bind(&columns.rounds)
+        .bind(&columns.subscriptions)
+        .bind(&columns.servers)
+        .bind(&columns.fences)
+        .bind(&columns.a)
+        .bind(&columns.b)
+        .bind(&columns.n)
+        .fetch_all(&self.pool)
+        .await?;
         let mut outcomes = vec![WriteOutcome::Applied; batch.len()];
-        let missed = Unnested::keys_of(batch, |i| !applied[i]);
-        if !missed.index.is_empty() {
-            let rows = sqlx::query(
-                "SELECT u.idx, k.fence, k.state
-                 FROM UNNEST($1::int[], $2::text[], $3::bigint[]) AS u(idx, subscription_id, server_id)
-                 LEFT JOIN keys k ON k.subscription_id = u.subscription_id AND k.server_id = u.server_id",
-            )
-            .bind(&missed.index)
-            .bind(&missed.subscriptions)
-            .bind(&missed.servers)
-            .fetch_all(&mut *tx)
-            .await?;
-            for row in rows {
-                let idx = row.try_get::<i32, _>(0)? as usize;
-                let fence: Option<i64> = row.try_get(1)?;
-                outcomes[idx] = match (fence, row.try_get::<Option<String>, _>(2)?) {
-                    (Some(row_fence), _) if row_fence > batch[idx].fence() => {
-                        WriteOutcome::Fenced { row_fence }
-                    }
-                    (Some(_), Some(state)) => WriteOutcome::StateMoved { state },
-                    _ => WriteOutcome::Missing,
-                };
-            }
+        for row in missed {
+            let idx = row.try_get::<i32, _>("idx")?;
+            let idx = usize::try_from(idx)
+                .ok()
+                .filter(|&i| i < batch.len())
+                .ok_or_else(|| {
+                    Error::Db(sqlx::Error::Decode(
+                        format!(
+                            "keyfleet_write_keys returned result {idx} of {}",
+                            batch.len()
+                        )
+                        .into(),
+                    ))
+                })?;
+            let fence: Option<i64> = row.try_get("row_fence")?;
+            outcomes[idx] = match (fence, row.try_get::<Option<String>, _>("row_state")?) {
+                (Some(row_fence), _) if row_fence > batch[idx].fence() => {
+                    WriteOutcome::Fenced { row_fence }
+                }
+                (Some(_), Some(state)) => WriteOutcome::StateMoved { state },
+                _ => WriteOutcome::Missing,
+            };
         }
-        tx.commit().await?;
         Ok(outcomes)
     }
 
@@ -380,10 +322,11 @@ impl Store {
     }
 }
 
-/// Column arrays for one `UNNEST` statement.
+/// The arguments of `keyfleet_write_keys` (see its migration): one element per result.
 #[derive(Default)]
-struct Unnested {
-    index: Vec<i32>,
+struct BatchColumns {
+    statements: Vec<i32>,
+    rounds: Vec<i32>,
     subscriptions: Vec<String>,
     servers: Vec<i64>,
     fences: Vec<i64>,
@@ -392,12 +335,12 @@ struct Unnested {
     n: Vec<i64>,
 }
 
-impl Unnested {
-    /// Adds `write`, the `idx`-th of its batch.
-    fn push(&mut self, idx: usize, write: &KeyWrite) {
+impl BatchColumns {
+    fn push(&mut self, write: &KeyWrite, round: usize) {
         let (sub, server) = write.key();
-        let (_, a, b, n) = write.columns();
-        self.index.push(idx as i32);
+        let (statement, a, b, n) = write.columns();
+        self.statements.push(statement as i32);
+        self.rounds.push(round as i32);
         self.subscriptions.push(sub.as_str().to_owned());
         self.servers.push(server.0);
         self.fences.push(write.fence());
@@ -405,48 +348,6 @@ impl Unnested {
         self.b.push(b.to_owned());
         self.n.push(n);
     }
-
-    /// The keys (index, subscription, server; no values) of the writes whose index `keep` selects.
-    fn keys_of(batch: &[KeyWrite], keep: impl Fn(usize) -> bool) -> Self {
-        let mut keys = Self::default();
-        for (i, write) in batch.iter().enumerate().filter(|(i, _)| keep(*i)) {
-            let (sub, server) = write.key();
-            keys.index.push(i as i32);
-            keys.subscriptions.push(sub.as_str().to_owned());
-            keys.servers.push(server.0);
-        }
-        keys
-    }
-
-    /// Binds the arrays as $1..$7 of a statement made by [`expand`].
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-        query
-            .bind(&self.index)
-            .bind(&self.subscriptions)
-            .bind(&self.servers)
-            .bind(&self.fences)
-            .bind(&self.a)
-            .bind(&self.b)
-            .bind(&self.n)
-    }
-}
-
-/// Fills in the shared fragments of the write statements.
-fn expand(statement: &str) -> String {
-    statement
-        .replace(
-            "UNNEST_BATCH",
-            "UNNEST($1::int[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[])
-             AS u(idx, subscription_id, server_id, fence, a, b, n)",
-        )
-        .replace(
-            "KEY_MATCHES",
-            "k.subscription_id = u.subscription_id AND k.server_id = u.server_id AND k.fence <= u.fence",
-        )
-        .replace("CREATE_APPLIES", "k.state IN ('pending', 'active', 'failed')")
 }
 
 /// For each write, the round of its statement: 0, except for a create that claims a server id an

@@ -36,39 +36,43 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
         producer: Option<&str>,
     ) -> Result<ProvisionPlan> {
-        let mut tx = self.pool.begin().await?;
-        let owner: Option<String> = sqlx::query_scalar(
-            "INSERT INTO subscriptions (id, expires_at, status, owner) VALUES ($1, $2, 'active', $3)
-             ON CONFLICT (id) DO UPDATE
-             SET expires_at = EXCLUDED.expires_at, status = 'active', updated_at = now(),
-                 owner = COALESCE(subscriptions.owner, EXCLUDED.owner)
-             RETURNING owner",
+        // One statement (one round trip, its own transaction): a purchase waits for it. A
+        // subscription another producer owns is neither updated nor given keys, and the statement
+        // then returns only a row with `accepted` false.
+        let rows = sqlx::query(
+            "WITH sub AS (
+                 INSERT INTO subscriptions (id, expires_at, status, owner)
+                 VALUES ($1, $2, 'active', $3)
+                 ON CONFLICT (id) DO UPDATE
+                 SET expires_at = EXCLUDED.expires_at, status = 'active', updated_at = now(),
+                     owner = COALESCE(subscriptions.owner, EXCLUDED.owner)
+                 WHERE $3::text IS NULL OR subscriptions.owner IS NULL OR subscriptions.owner = $3
+                 RETURNING id
+             ), created AS (
+                 INSERT INTO keys (subscription_id, server_id, state, enqueued_at)
+                 SELECT sub.id, s.id, 'pending', now() FROM sub, servers s WHERE s.active
+                 ON CONFLICT (subscription_id, server_id) DO UPDATE
+                 SET state = CASE WHEN keys.state = 'active' THEN 'active' ELSE 'pending' END,
+                     enqueued_at = CASE WHEN keys.state = 'active' THEN keys.enqueued_at ELSE now() END,
+                     updated_at = now()
+                 RETURNING server_id, state, (fence > 0 OR last_error IS NOT NULL) AS tried
+             )
+             SELECT true AS accepted, server_id, state, tried FROM created
+             UNION ALL
+             SELECT false, NULL, NULL, NULL WHERE NOT EXISTS (SELECT 1 FROM sub)",
         )
         .bind(sub.as_str())
         .bind(expires_at)
         .bind(producer)
-        .fetch_one(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        if let Some(producer) = producer
-            && owner.as_deref() != Some(producer)
+        if let Some(first) = rows.first()
+            && !first.try_get::<bool, _>("accepted")?
         {
             return Err(Error::Forbidden(format!(
                 "subscription {sub:?} belongs to another producer"
             )));
         }
-        let rows = sqlx::query(
-            "INSERT INTO keys (subscription_id, server_id, state, enqueued_at)
-             SELECT $1, id, 'pending', now() FROM servers WHERE active
-             ON CONFLICT (subscription_id, server_id) DO UPDATE
-             SET state = CASE WHEN keys.state = 'active' THEN 'active' ELSE 'pending' END,
-                 enqueued_at = CASE WHEN keys.state = 'active' THEN keys.enqueued_at ELSE now() END,
-                 updated_at = now()
-             RETURNING server_id, state, (fence > 0 OR last_error IS NOT NULL) AS tried",
-        )
-        .bind(sub.as_str())
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
         let mut plan = ProvisionPlan {
             subscription: sub.clone(),
             to_create: vec![],
@@ -154,35 +158,38 @@ pub struct StoredReceipt {
 impl Store {
     /// The subscription and its keys (links included); `NotFound` if unknown.
     pub async fn subscription_keys(&self, sub: &SubscriptionId) -> Result<SubscriptionKeys> {
-        let head = sqlx::query("SELECT status, expires_at, owner FROM subscriptions WHERE id = $1")
-            .bind(sub.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("unknown subscription {sub:?}")))?;
+        // One query, so the subscription and its keys come from one snapshot.
         let rows = sqlx::query(
-            "SELECT s.name, s.kind, s.active, k.state, k.link, k.config_synced_at, k.last_error,
-                    k.traffic_bytes
-             FROM keys k JOIN servers s ON s.id = k.server_id
-             WHERE k.subscription_id = $1 ORDER BY s.id",
+            "SELECT sub.status, sub.expires_at, sub.owner, s.name, s.kind, s.active, k.state,
+                    k.link, k.config_synced_at, k.last_error, k.traffic_bytes
+             FROM subscriptions sub
+                  LEFT JOIN (keys k JOIN servers s ON s.id = k.server_id)
+                  ON k.subscription_id = sub.id
+             WHERE sub.id = $1 ORDER BY s.id",
         )
         .bind(sub.as_str())
         .fetch_all(&self.pool)
         .await?;
-        let keys = rows
-            .iter()
-            .map(|row| {
-                Ok(KeyDetail {
-                    server: row.try_get("name")?,
-                    kind: row.try_get("kind")?,
-                    server_active: row.try_get("active")?,
-                    state: row.try_get("state")?,
-                    link: row.try_get("link")?,
-                    config_synced_at: row.try_get("config_synced_at")?,
-                    last_error: row.try_get("last_error")?,
-                    traffic_bytes: row.try_get("traffic_bytes")?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let head = rows
+            .first()
+            .ok_or_else(|| Error::NotFound(format!("unknown subscription {sub:?}")))?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // A subscription without keys is one row with no key in it.
+            let Some(state) = row.try_get("state")? else {
+                continue;
+            };
+            keys.push(KeyDetail {
+                server: row.try_get("name")?,
+                kind: row.try_get("kind")?,
+                server_active: row.try_get("active")?,
+                state,
+                link: row.try_get("link")?,
+                config_synced_at: row.try_get("config_synced_at")?,
+                last_error: row.try_get("last_error")?,
+                traffic_bytes: row.try_get("traffic_bytes")?,
+            });
+        }
         Ok(SubscriptionKeys {
             subscription: sub.clone(),
             status: head.try_get("status")?,
