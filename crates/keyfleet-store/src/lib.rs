@@ -119,6 +119,11 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // No ping before each use: it doubled the round trips of every query, which a
+            // purchase pays several times over when Postgres is across a network. A connection
+            // that died while idle fails its one query with a transient error (the write-back
+            // retries it, the API answers 503 with Retry-After) and leaves the pool.
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(|source| Error::Connect { target, source })?;
