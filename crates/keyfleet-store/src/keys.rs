@@ -103,8 +103,9 @@ impl KeyWrite {
         }
     }
 
-    /// Which statement writes it, and its variable columns (text a, text b, number n; for `Failed`,
-    /// n is 1 when the failure was transient).
+    /// Which statement of `keyfleet_write_keys` writes it (0 created, 1 failed, 2 deleted, 3 config
+    /// synced, 4 lost), and its variable columns (text a, text b, number n; for `Failed`, n is 1
+    /// when the failure was transient).
     fn columns(&self) -> (usize, &str, &str, i64) {
         match self {
             Self::Created {
